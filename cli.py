@@ -1,0 +1,66 @@
+"""Command-line flags generated from a config dataclass: one source of truth per entry point.
+
+Each entry point (sft.py, grpo.py, infer.py, bench.py) declares a dataclass whose fields are its
+knobs. `parse_config` turns every field into a `--flag` with the field's default and help text,
+grouped by `metadata["group"]`, so `--help` always lists every knob and its default, and a new
+field is a new flag with no second place to edit. Booleans become `--flag/--no-flag`.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+
+def field(default, help: str, group: str = "general", **kwargs):
+    """A dataclass field that carries its own help text and flag group."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata={"help": help, "group": group, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **kwargs})
+
+
+def _base_type(tp):
+    """int for `int`, `int | None`, `Optional[int]`; the field type otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        group_name = f.metadata.get("group", "general")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, default=default, help=help_text,
+                               action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(tp) is list:
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            group.add_argument(flag, dest=f.name, default=default, help=help_text, type=item, nargs="*")
+        else:
+            group.add_argument(flag, dest=f.name, default=default, help=help_text,
+                               type=tp if tp in (int, float, str) else str,
+                               choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_config(config_cls, argv=None, description: str = ""):
+    """Parse argv (default: sys.argv[1:]) into an instance of `config_cls`."""
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))
+
+
+def log_config(config, stream=sys.stderr) -> None:
+    """Print the exact config a run uses, one line, so logs say what produced them."""
+    print("config " + json.dumps(dataclasses.asdict(config), sort_keys=True, default=str), file=stream)
