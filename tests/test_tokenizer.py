@@ -1,0 +1,57 @@
+"""tokenizer.py: BPE training, protocol tags as single tokens, and ChatML against Jinja."""
+import json
+
+import pytest
+
+from tokenizer import IM_END, IM_START, PROTOCOL_TAGS, Tokenizer, train_tokenizer
+
+TEXTS = [f"The capital of Zarnia{i} is Velora{i}. 17*{i} = {17 * i}. Population of city {i}?"
+         for i in range(300)]
+CONVERSATION = [
+    {"role": "system", "content": "You route tasks.\nCallees: kb, calc."},
+    {"role": "user", "content": "What is 17*23 plus the population of Velora?"},
+    {"role": "assistant", "content": '<think>two parts</think>\n<call id="1" to="calc">17*23</call>'},
+    {"role": "user", "content": '<state round="1"><result id="1" status="OK">391</result></state>'},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=600)
+
+
+def test_round_trip_and_single_token_tags(tok):
+    for text in ["The capital of Zarnia7 is Velora7.", "  leading spaces, ünïcødé ✓\n\ttabs",
+                 '<call id="2" to="kb">capital of {1}</call>']:
+        assert tok.decode(tok.encode(text)) == text
+    for tag in PROTOCOL_TAGS + (IM_START, IM_END):
+        assert len(tok.encode(tag)) == 1, tag
+    ids = tok.encode('x<answer>391</answer>')
+    assert tok.tokenizer.token_to_id("<answer>") in ids and tok.tokenizer.token_to_id("</answer>") in ids
+
+
+def test_chat_render_matches_jinja_template(tok, tmp_path):
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string(tok.config["chat_template"])
+    for gen in (True, False):
+        assert tok.render_chat(CONVERSATION, gen) == template.render(messages=CONVERSATION, add_generation_prompt=gen)
+
+
+def test_saved_tokenizer_matches_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    ours = Tokenizer.load(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = ref.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert text == ours.render_chat(CONVERSATION)
+    assert ref(text, add_special_tokens=False)["input_ids"] == ours.encode_chat(CONVERSATION)
+    assert ours.eos_token_ids == [ours.im_end_id]
+
+
+def test_non_chatml_template_is_refused(tok, tmp_path):
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not ChatML"):
+        Tokenizer.load(tmp_path)
