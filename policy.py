@@ -1,0 +1,318 @@
+"""The policy: model + tokenizer + chat format, a generation engine whose branches share their
+prompt's KV cache, and the log-probs training needs.
+
+The engine (`Engine`) is built for this project's hot path: G branches continuing one prompt
+(GRPO's group of samples; a local agent's parallel subtasks under one system prompt).
+
+- ONE copy of each prompt's KV (the "prefix", [groups, kv_heads, P, D] per layer) and a
+  per-branch "suffix" KV for everything after it ([branches, kv_heads, S, D]). Both are
+  allocated once, zero-filled, when the engine starts (static shapes, as in gpt-fast).
+- Decode attention is split: the queries of all branches of a group are folded into one query
+  axis per kv head and attend to the prefix as one matrix-matrix product; each branch attends
+  to its own suffix; the two partial results are merged exactly by their log-sum-exp
+  (kernels/: torch on CPU, Triton on CUDA). `share_prefix=False` copies the prefix KV into
+  every branch instead (what most engines do), kept as the benchmark's baseline.
+- Prefill (the prompts, once per group) and one-token decode are separate passes; appending
+  several tokens to a branch (an environment's state message, a forced continuation) is a
+  chunked prefill into that branch's suffix that still shares the original prefix.
+- A token is sampled from the logits that predict it, then fed to the model only if its
+  branch goes on: a stop token costs no forward pass, finished branches cost nothing, and
+  the stop token waits ("unfed") until the branch is continued by `append`.
+- Per-token log-probs are recorded at temperature 1 (the model's distribution), the quantity
+  RL's importance ratio needs; `token_logprobs` computes the same by teacher forcing.
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from model import Transformer, load_model
+from tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256  # per `generate` call, per branch
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # needs the engine's `decode`
+
+
+@dataclass
+class Completion:
+    """What one branch generated in one `generate` call."""
+    branch: int
+    token_ids: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop_token" | "stop_string" | "length"
+
+
+def sample_tokens(logits, temperature: float, top_p: float, generator=None):
+    """Greedy (temperature 0) or temperature + nucleus sampling. logits [A, V] -> ids [A]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of top tokens whose mass reaches top_p (always the first).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Engine:
+    """Generation for a batch of prompts ("prefix groups"), each continued by several branches.
+
+    Branch ids run group by group: with prompts [a, b] and branches 2, branches 0-1 continue a
+    and 2-3 continue b. `tokens[i]` holds everything after the prompt in branch i (generated and
+    appended), `logprobs[i]` the log-prob of each generated token (None for appended ones).
+    """
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], branches: int | list[int] = 1,
+                 max_suffix_len: int = 512, share_prefix: bool = True, decode=None):
+        c = model.config
+        if isinstance(branches, int):
+            branches = [branches] * len(prompts)
+        assert len(branches) == len(prompts) and all(b >= 1 for b in branches), branches
+        assert all(len(p) >= 1 for p in prompts), "every prompt needs at least one token"
+        longest = max(len(p) for p in prompts) + max_suffix_len
+        if longest > c.max_position_embeddings:
+            raise ValueError(f"prompt + max_suffix_len = {longest} tokens > max_position_embeddings "
+                             f"{c.max_position_embeddings}")
+        self.model, self.decode = model, decode
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.n_kv_heads, self.head_dim = c.num_key_value_heads, c.head_size
+        self.q_per_kv = c.num_attention_heads // c.num_key_value_heads
+        self.scale = self.head_dim ** -0.5
+        self.max_suffix_len = max_suffix_len
+        n = sum(branches)
+        group_of = torch.tensor([g for g, b in enumerate(branches) for _ in range(b)], device=self.device)
+        self.suffix_len = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float | None]] = [[] for _ in range(n)]
+        self.unfed: list[list[int]] = [[] for _ in range(n)]  # sampled, not yet in the KV cache
+        self.prefill_seconds = 0.0
+        # One slot past max_suffix_len takes the K/V of padding tokens, so they never land on
+        # a real token's slot; no real query reaches it.
+        kv = (c.num_hidden_layers, n, self.n_kv_heads, max_suffix_len + 1, self.head_dim)
+        self.suffix_k = torch.zeros(kv, device=self.device, dtype=self.dtype)
+        self.suffix_v = torch.zeros(kv, device=self.device, dtype=self.dtype)
+        self._prefill(prompts)
+        # The logits that predict each branch's next token: its prompt's last logits, for now.
+        self.next_logits = self.prompt_logits[group_of]
+        if share_prefix:
+            self.group_of = group_of
+        else:  # the baseline layout: every branch owns a copy of its prompt's KV
+            self.prefix_k, self.prefix_v = self.prefix_k[:, group_of], self.prefix_v[:, group_of]
+            self.prefix_len = self.prefix_len[group_of]
+            self.group_of = torch.arange(n, device=self.device)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.tokens)
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.suffix_k, self.suffix_v))
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefill(self, prompts):
+        t0 = time.perf_counter()
+        c = self.model.config
+        NG, P = len(prompts), max(len(p) for p in prompts)
+        kv = (c.num_hidden_layers, NG, self.n_kv_heads, P, self.head_dim)
+        self.prefix_k = torch.zeros(kv, device=self.device, dtype=self.dtype)
+        self.prefix_v = torch.zeros(kv, device=self.device, dtype=self.dtype)
+        self.prefix_len = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = torch.zeros(NG, P, dtype=torch.long, device=self.device)
+        for g, p in enumerate(prompts):  # right padding: causal attention keeps it invisible
+            ids[g, : len(p)] = torch.tensor(p)
+
+        def attention(layer, q, k, v):
+            self.prefix_k[layer] = k.transpose(1, 2)
+            self.prefix_v[layer] = v.transpose(1, 2)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=self.q_per_kv > 1).transpose(1, 2)
+
+        hidden = self.model.hidden_states(ids, attention=attention)
+        last = hidden[torch.arange(NG, device=self.device), self.prefix_len - 1]
+        self.prompt_logits = F.linear(last, self.model.output_weight()).float()
+        self.prefill_seconds += time.perf_counter() - t0
+
+    # -- one forward pass over new suffix tokens ---------------------------------------------------
+
+    @torch.no_grad()
+    def _forward_suffix(self, rows: torch.Tensor, ids: torch.Tensor, n_real: torch.Tensor):
+        """Feed ids [A, T] (right-padded; n_real[a] real tokens) to branches `rows` [A].
+
+        Writes their K/V into the suffix cache and returns the logits at each row's last real
+        token [A, V]. T = 1 is a decode step; T > 1 a chunk appended to each row's suffix.
+        """
+        A, T = ids.shape
+        start = self.suffix_len[rows]  # suffix slot of each row's first new token
+        if int((start + n_real).max()) > self.max_suffix_len:
+            raise RuntimeError(f"a branch would exceed max_suffix_len={self.max_suffix_len}")
+        offsets = torch.arange(T, device=self.device)
+        slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
+        group = self.group_of[rows]
+        positions = self.prefix_len[group][:, None] + start[:, None] + offsets
+        all_rows = A == self.num_branches and bool((rows == torch.arange(A, device=self.device)).all())
+        # Fold each group's rows into one query axis: slot_in_group = rank of the row in its group.
+        groups, group_idx = torch.unique(group, return_inverse=True)
+        all_groups = len(groups) == self.prefix_k.shape[1]
+        order = torch.argsort(group_idx, stable=True)
+        first = torch.searchsorted(group_idx[order], group_idx[order])  # first index of each group
+        slot_in_group = torch.empty_like(group_idx)
+        slot_in_group[order] = torch.arange(A, device=self.device) - first
+        R = int(slot_in_group.max()) + 1
+        H, rep, D = self.n_kv_heads, self.q_per_kv, self.head_dim
+
+        def attention(layer, q, k, v):  # q [A, T, Hq, D]; k, v [A, T, Hkv, D]
+            self.suffix_k[layer][rows[:, None], :, slots] = k
+            self.suffix_v[layer][rows[:, None], :, slots] = v
+            # Prefix part: [G', Hkv, R*T*rep, D] queries against one copy of each prompt's KV.
+            folded = q.new_zeros(len(groups), R, H, T, rep, D)
+            folded[group_idx, slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
+            folded = folded.permute(0, 2, 1, 3, 4, 5).reshape(len(groups), H, R * T * rep, D)
+            pk, pv = self.prefix_k[layer], self.prefix_v[layer]
+            if not all_groups:
+                pk, pv = pk[groups], pv[groups]
+            out1, lse1 = kernels.prefix_attention(folded, pk, pv, self.prefix_len[groups], self.scale)
+            out1 = out1.view(len(groups), H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)[group_idx, slot_in_group]
+            lse1 = lse1.view(len(groups), H, R, T, rep).permute(0, 2, 1, 4, 3)[group_idx, slot_in_group]
+            # Suffix part, merged into the prefix part by log-sum-exp in one op.
+            sk, sv = (self.suffix_k[layer], self.suffix_v[layer]) if all_rows else \
+                (self.suffix_k[layer][rows], self.suffix_v[layer][rows])
+            out, _ = kernels.suffix_merge_attention(
+                q.transpose(1, 2).contiguous(), sk, sv, start, self.scale,
+                out1.reshape(A, H * rep, T, D).contiguous(), lse1.reshape(A, H * rep, T).contiguous())
+            return out.transpose(1, 2)
+
+        hidden = self.model.hidden_states(ids, positions, attention)
+        last = hidden[torch.arange(A, device=self.device), n_real - 1]
+        self.suffix_len[rows] += n_real
+        return F.linear(last, self.model.output_weight()).float()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def append(self, branch_tokens: dict[int, list[int]]) -> None:
+        """Continue chosen branches with given tokens (e.g. a state message), in one chunked pass.
+
+        A branch's pending stop token is fed first, so its suffix holds its full history.
+        """
+        items = [(b, self.unfed[b] + list(t)) for b, t in branch_tokens.items() if self.unfed[b] or t]
+        if not items:
+            return
+        T = max(len(t) for _, t in items)
+        ids = torch.zeros(len(items), T, dtype=torch.long, device=self.device)
+        for i, (b, t) in enumerate(items):
+            ids[i, : len(t)] = torch.tensor(t)
+        rows = torch.tensor([b for b, _ in items], device=self.device)
+        n_real = torch.tensor([len(t) for _, t in items], device=self.device)
+        self.next_logits[rows] = self._forward_suffix(rows, ids, n_real)
+        for b, t in branch_tokens.items():
+            self.tokens[b] += list(t)
+            self.logprobs[b] += [None] * len(t)
+            self.unfed[b] = []
+
+    def generate(self, params: SamplingParams, branches=None, generator=None) -> list[Completion]:
+        """Decode the given branches (default: all) until each hits a stop condition."""
+        branches = list(range(self.num_branches)) if branches is None else list(branches)
+        assert all(not self.unfed[b] for b in branches), "append() to a stopped branch before decoding it"
+        if params.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need the engine's `decode` function")
+        stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
+        tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
+        new = {b: [] for b in branches}
+        new_lp = {b: [] for b in branches}
+        done: dict[int, str] = {}
+        active = torch.tensor(branches, dtype=torch.long, device=self.device)
+        while len(active):
+            logits = self.next_logits[active]
+            token = sample_tokens(logits, params.temperature, params.top_p, generator)
+            logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+            is_stop = torch.isin(token, stop_ids)
+            keep = []
+            for b, t, lp, stop in zip(active.tolist(), token.tolist(), logprob.tolist(), is_stop.tolist()):
+                new[b].append(t)
+                new_lp[b].append(lp)
+                if stop:
+                    done[b] = "stop_token"
+                elif tail and any(s in self.decode(new[b][-tail:]) for s in params.stop_strings):
+                    done[b] = "stop_string"
+                elif len(new[b]) >= params.max_new_tokens:
+                    done[b] = "length"
+                if b in done:
+                    self.unfed[b] = [t]
+                else:
+                    keep.append(b)
+            if not keep:
+                break
+            active = torch.tensor(keep, dtype=torch.long, device=self.device)
+            ids = torch.tensor([new[b][-1] for b in keep], device=self.device)[:, None]
+            self.next_logits[active] = self._forward_suffix(active, ids, torch.ones_like(active))
+        for b in branches:
+            self.tokens[b] += new[b]
+            self.logprobs[b] += new_lp[b]
+        return [Completion(b, new[b], new_lp[b], done[b]) for b in branches]
+
+
+def token_logprobs(model: Transformer, input_ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-prob of each next token: input_ids [B, T] -> [B, T-1] (with grad).
+
+    Right-padded rows are fine (causal attention); mask the padding and prompt in the loss.
+    """
+    logits = model(input_ids[:, :-1]).float()
+    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+class Policy:
+    """A chat model: checkpoint weights + tokenizer + ChatML, with the engine behind it."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=None) -> "Policy":
+        path = Path(path)
+        return cls(load_model(path, device=device, dtype=dtype), Tokenizer.load(path))
+
+    @property
+    def device(self):
+        return self.model.model.embed_tokens.weight.device
+
+    def engine(self, conversations: list[list[dict]], branches: int | list[int] = 1,
+               max_suffix_len: int = 512) -> Engine:
+        """An engine whose prefix groups are these conversations, each ending in an open
+        assistant turn."""
+        prompts = [self.tokenizer.encode_chat(m) for m in conversations]
+        return Engine(self.model, prompts, branches, max_suffix_len, decode=self.tokenizer.decode)
+
+    def chat_params(self, temperature=0.0, top_p=1.0, max_new_tokens=256) -> SamplingParams:
+        """Sampling that ends an assistant turn at the chat's end-of-turn token(s)."""
+        return SamplingParams(temperature, top_p, max_new_tokens, tuple(self.tokenizer.eos_token_ids))
+
+    def reply_text(self, completion: Completion) -> str:
+        ids = completion.token_ids
+        if completion.stop_reason == "stop_token":
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+    def next_turn_tokens(self, user_text: str) -> list[int]:
+        """What follows a finished assistant turn (whose end token is pending) to open the next."""
+        return self.tokenizer.encode("\n" + self.tokenizer.render_chat([{"role": "user", "content": user_text}]))
+
+    def chat(self, conversations: list[list[dict]], n: int = 1, params: SamplingParams | None = None,
+             generator=None) -> list[list[str]]:
+        """One assistant reply per branch: n replies for each conversation."""
+        engine = self.engine(conversations, n, (params or self.chat_params()).max_new_tokens + 1)
+        done = engine.generate(params or self.chat_params(), generator=generator)
+        texts = [self.reply_text(c) for c in done]
+        return [texts[i * n: (i + 1) * n] for i in range(len(conversations))]

@@ -1,0 +1,123 @@
+"""The shared-prefix engine against one-branch-at-a-time decoding with plain attention.
+
+Reference decoding recomputes the whole sequence with the model's plain causal attention at
+every step (no cache at all), so it shares none of the engine's cache or kernel code.
+"""
+import pytest
+import torch
+
+import model as M
+from policy import Engine, SamplingParams, sample_tokens, token_logprobs
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = M.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    # A large init std makes the logits peaked, so greedy argmaxes are far from ties.
+    return M.init_weights(M.Transformer(config), seed=0, std=0.3).eval()
+
+
+def greedy_alone(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+PROMPTS = [[1, 5, 9, 13, 2, 7, 30, 31, 40], [3, 4, 60, 22, 11]]  # ragged prefix lengths
+FORCED = [[10], [11, 12, 13], [14, 15], [20, 21, 22, 23], [24], [25, 26]]  # ragged suffixes
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_greedy_branches_match_decoding_each_branch_alone(tiny, share_prefix):
+    engine = Engine(tiny, PROMPTS, branches=3, max_suffix_len=64, share_prefix=share_prefix)
+    engine.append({b: FORCED[b] for b in range(6)})
+    first = engine.generate(GREEDY)
+    # Multi-turn: a different "state message" for some branches, then decode again.
+    state = {0: [50, 51], 2: [52], 4: [53, 54, 55, 56], 5: [57]}
+    engine.append(state)
+    second = engine.generate(GREEDY, branches=list(state))
+    for b in range(6):
+        prompt = PROMPTS[b // 3]
+        history = prompt + FORCED[b]
+        assert first[b].token_ids == greedy_alone(tiny, history, 6), f"branch {b}, turn 1"
+        if b in state:
+            history = history + first[b].token_ids + state[b]
+            assert second[list(state).index(b)].token_ids == greedy_alone(tiny, history, 6), f"branch {b}, turn 2"
+
+
+def test_first_token_comes_from_the_shared_prompt(tiny):
+    engine = Engine(tiny, PROMPTS, branches=[2, 1], max_suffix_len=16)
+    out = engine.generate(SamplingParams(temperature=0.0, max_new_tokens=5))
+    for b, g in [(0, 0), (1, 0), (2, 1)]:
+        assert out[b].token_ids == greedy_alone(tiny, PROMPTS[g], 5)
+
+
+def test_generation_logprobs_match_teacher_forcing(tiny):
+    engine = Engine(tiny, PROMPTS, branches=2, max_suffix_len=32)
+    gen = torch.Generator().manual_seed(0)
+    out = engine.generate(SamplingParams(temperature=1.0, max_new_tokens=8), generator=gen)
+    for c in out:
+        ids = torch.tensor([PROMPTS[c.branch // 2] + c.token_ids])
+        with torch.no_grad():
+            ref = token_logprobs(tiny, ids)[0, -len(c.token_ids):]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4), c.branch
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    def run(seed):
+        engine = Engine(tiny, PROMPTS, branches=4, max_suffix_len=32)
+        gen = torch.Generator().manual_seed(seed)
+        return [c.token_ids for c in engine.generate(SamplingParams(1.0, 0.9, 10), generator=gen)]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert len({tuple(t) for t in run(7)}) > 1, "branches of one prompt should differ when sampling"
+
+
+def test_stop_tokens_strings_and_lengths(tiny):
+    engine = Engine(tiny, [PROMPTS[0]], branches=1, max_suffix_len=32, decode=lambda ids: " ".join(map(str, ids)))
+    reference = greedy_alone(tiny, PROMPTS[0], 8)
+    stop = reference[3]
+    out = engine.generate(SamplingParams(0.0, 1.0, 8, stop_token_ids=(stop,)))[0]
+    assert out.token_ids == reference[: reference.index(stop) + 1] and out.stop_reason == "stop_token"
+    # The stop token is pending: continuing the branch feeds it first, then the appended tokens.
+    engine.append({0: [9]})
+    assert engine.tokens[0] == out.token_ids + [9]
+    cont = engine.generate(SamplingParams(0.0, 1.0, 3))[0]
+    assert cont.token_ids == greedy_alone(tiny, PROMPTS[0] + out.token_ids + [9], 3) and cont.stop_reason == "length"
+    engine2 = Engine(tiny, [PROMPTS[0]], 1, 32, decode=lambda ids: " ".join(map(str, ids)))
+    target = f"{reference[1]} {reference[2]}"
+    out2 = engine2.generate(SamplingParams(0.0, 1.0, 8, stop_strings=(target,)))[0]
+    assert out2.stop_reason == "stop_string" and out2.token_ids == reference[:3]
+
+
+def test_finished_branches_cost_nothing(tiny, monkeypatch):
+    engine = Engine(tiny, [PROMPTS[0]], branches=1, max_suffix_len=32)
+    reference = greedy_alone(tiny, PROMPTS[0], 4)
+    calls = []
+    original = engine._forward_suffix
+    monkeypatch.setattr(engine, "_forward_suffix", lambda rows, ids, n: calls.append(rows.tolist()) or original(rows, ids, n))
+    engine.generate(SamplingParams(0.0, 1.0, 10, stop_token_ids=(reference[1],)))
+    assert calls == [[0]], "one forward pass: the stop token is never fed"
+
+
+def test_suffix_overflow_is_a_clear_error(tiny):
+    engine = Engine(tiny, [PROMPTS[0]], branches=1, max_suffix_len=4)
+    with pytest.raises(RuntimeError, match="max_suffix_len"):
+        engine.append({0: [1, 2, 3, 4, 5]})
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample_tokens(logits, 1.0, 0.7, gen)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7: the tail is never sampled
+    assert {int(sample_tokens(logits, 1.0, 0.01, gen)) for _ in range(50)} == {0}
