@@ -1,0 +1,199 @@
+"""Benchmark: G branches continuing one P-token prompt, three ways, in one run on one machine.
+
+    shared   this engine, ONE copy of the prompt's KV for all branches (policy.Engine)
+    copied   this engine with the prompt's KV copied into every branch (share_prefix=False):
+             what most minimal engines do; same code otherwise, so the ratio isolates the layout
+    hf       Hugging Face `generate` on the same config and random weights, the G copies of the
+             prompt as one batch (what a user would otherwise run); skipped if not installed
+
+Each case decodes exactly `--new-tokens` tokens greedily (no stop token), with random weights:
+speed does not depend on the weights' values. Reported per case: end-to-end tokens/s (prefill
+included), decode-only tokens/s (end-to-end time minus the prefill), and KV-cache bytes (on CUDA
+also the peak allocated memory). The run first measures this machine's memory bandwidth and
+matmul throughput, and estimates the best decode step's floor from them: bytes read per step
+(weights + the KV each mode must read) over bandwidth, FLOPs per step over matmul throughput.
+"""
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+import cli
+import model as M
+from policy import Engine, SamplingParams
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    presets: list[str] = cli.field(["tiny", "smollm2-135m"], "model shapes (model.PRESETS names)", "cases")
+    prefix_lens: list[int] = cli.field([256, 1024], "prompt lengths P", "cases")
+    branches: list[int] = cli.field([1, 8], "branch counts G", "cases")
+    new_tokens: int = cli.field(64, "tokens generated per branch", "cases")
+    modes: list[str] = cli.field(["shared", "copied", "hf"], "which implementations to run", "cases")
+    hf_max_prefill: int = cli.field(16384, "skip hf cases whose G*P prompt tokens exceed this (CPU time)", "cases")
+    tiny_vocab: int = cli.field(2048, "vocabulary of the tiny preset (our BPE's size)", "cases")
+    repeats: int = cli.field(1, "timed repeats per case (the best is kept)", "cases")
+    device: str = cli.field("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda", "run")
+    seed: int = cli.field(0, "random weights and prompts", "run")
+    json: bool = cli.field(False, "print the results as JSON instead of a table", "run")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine_limits(device, dtype) -> dict:
+    """Measured read bandwidth (GB/s) and matmul throughput (GFLOP/s) of this device."""
+    n = 256 * 2**20 // torch.tensor([], dtype=dtype).element_size()  # 256 MiB
+    a = torch.ones(n, device=device, dtype=dtype)
+    a.sum(), sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a.sum()
+    sync(device)
+    bandwidth = 10 * a.numel() * a.element_size() / (time.perf_counter() - t0) / 1e9
+    del a
+    x = torch.randn(2048, 2048, device=device, dtype=dtype)
+    x @ x, sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        x @ x
+    sync(device)
+    flops = 10 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    return {"read_bandwidth_gb_s": round(bandwidth, 1), "matmul_gflop_s": round(flops, 1)}
+
+
+def run_engine(model, prompt, G, new_tokens, share_prefix):
+    sync(prompt.device)
+    t0 = time.perf_counter()
+    engine = Engine(model, [prompt.tolist()], G, new_tokens + 1, share_prefix=share_prefix)
+    out = engine.generate(SamplingParams(temperature=0.0, max_new_tokens=new_tokens))
+    sync(prompt.device)
+    total = time.perf_counter() - t0
+    assert all(len(c.token_ids) == new_tokens for c in out)
+    return total, engine.prefill_seconds, engine.kv_cache_bytes()
+
+
+def run_hf(hf_model, prompt, G, new_tokens):
+    ids = prompt[None].repeat(G, 1)
+
+    def generate(n):
+        sync(ids.device)
+        t0 = time.perf_counter()
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                return_dict_in_generate=True)
+        sync(ids.device)
+        return time.perf_counter() - t0, out
+    total, out = generate(new_tokens)
+    assert out.sequences.shape[1] == ids.shape[1] + new_tokens
+    prefill, _ = generate(1)  # one new token = the prefill (and one lm_head)
+    cache = out.past_key_values
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total, prefill, kv_bytes
+
+
+def decode_floor(config: M.ModelConfig, P, G, mode, dtype, limits) -> float:
+    """Lower bound (s) on one decode step of G branches: max(bytes / bandwidth, FLOPs / throughput)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    params = sum(s[0] * (s[1] if len(s) > 1 else 1) for s in M.checkpoint_tensor_shapes(config).values())
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_size * size
+    prefix_copies = 1 if mode == "shared" else G
+    bytes_read = params * size + kv_per_token * P * prefix_copies
+    flops = 2 * params * G + 4 * config.num_hidden_layers * config.num_attention_heads * config.head_size * P * G
+    return max(bytes_read / (limits["read_bandwidth_gb_s"] * 1e9), flops / (limits["matmul_gflop_s"] * 1e9))
+
+
+def main(argv=None):
+    cfg = cli.parse_config(BenchConfig, argv, __doc__.splitlines()[0])
+    cli.log_config(cfg)
+    torch.manual_seed(cfg.seed)
+    dtype = M.default_dtype(cfg.device)
+    limits = machine_limits(cfg.device, dtype)
+    print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+        print("transformers not installed: the hf column is skipped", file=sys.stderr)
+    rows = []
+    for preset in cfg.presets:
+        overrides = {"vocab_size": cfg.tiny_vocab} if preset == "tiny" else {}
+        config = M.preset_config(preset, **overrides)
+        model = M.build_model(config, cfg.device, dtype, seed=cfg.seed).eval()
+        hf_model = None
+        if "hf" in cfg.modes and transformers is not None:
+            hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+            hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).to(cfg.device, dtype).eval()
+        with torch.no_grad():  # warm-up: first calls pay for thread pools and allocator growth
+            warm = torch.randint(0, config.vocab_size, (32,), device=cfg.device)
+            run_engine(model, warm, 2, 4, True), run_engine(model, warm, 2, 4, False)
+            if hf_model is not None:
+                run_hf(hf_model, warm, 2, 4)
+        for P in cfg.prefix_lens:
+            prompt = torch.randint(0, config.vocab_size, (P,), device=cfg.device)
+            for G in cfg.branches:
+                for mode in cfg.modes:
+                    if mode == "hf" and (hf_model is None or G * P > cfg.hf_max_prefill):
+                        continue
+                    best = None
+                    for _ in range(cfg.repeats):
+                        if torch.device(cfg.device).type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        with torch.no_grad():
+                            result = run_hf(hf_model, prompt, G, cfg.new_tokens) if mode == "hf" else \
+                                run_engine(model, prompt, G, cfg.new_tokens, mode == "shared")
+                        best = result if best is None or result[0] < best[0] else best
+                    total, prefill, kv_bytes = best
+                    tokens = G * cfg.new_tokens
+                    row = {"preset": preset, "P": P, "G": G, "mode": mode,
+                           "e2e_tok_s": tokens / total, "decode_tok_s": tokens / max(total - prefill, 1e-9),
+                           "seconds": total, "prefill_s": prefill, "kv_mb": kv_bytes / 2**20}
+                    if mode != "hf":
+                        step = (total - prefill) / cfg.new_tokens
+                        row["floor_frac"] = decode_floor(config, P, G, mode, dtype, limits) / step
+                    if torch.device(cfg.device).type == "cuda":
+                        row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    rows.append(row)
+                    print(f"{preset} P={P} G={G} {mode}: {row['e2e_tok_s']:.1f} tok/s e2e, "
+                          f"{row['decode_tok_s']:.1f} decode, {total:.1f}s", file=sys.stderr)
+        del model, hf_model
+    add_ratios(rows)
+    if cfg.json:
+        print(json.dumps({"machine": limits, "device": cfg.device, "rows": rows}, indent=1))
+    else:
+        print_table(rows, limits, cfg.device)
+
+
+def add_ratios(rows):
+    """shared/copied and shared/hf ratios of the same case, measured in this run."""
+    by_case = {(r["preset"], r["P"], r["G"], r["mode"]): r for r in rows}
+    for r in rows:
+        if r["mode"] != "shared":
+            continue
+        for other in ("copied", "hf"):
+            o = by_case.get((r["preset"], r["P"], r["G"], other))
+            if o:
+                r[f"e2e_x_{other}"] = r["e2e_tok_s"] / o["e2e_tok_s"]
+                r[f"decode_x_{other}"] = r["decode_tok_s"] / o["decode_tok_s"]
+                r[f"kv_frac_{other}"] = r["kv_mb"] / o["kv_mb"]
+
+
+def print_table(rows, limits, device):
+    print(f"device {device}; measured read bandwidth {limits['read_bandwidth_gb_s']} GB/s, "
+          f"matmul {limits['matmul_gflop_s']} GFLOP/s")
+    cols = [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("mode", "{}"), ("e2e_tok_s", "{:.1f}"),
+            ("decode_tok_s", "{:.1f}"), ("kv_mb", "{:.1f}"), ("peak_mb", "{:.0f}"), ("floor_frac", "{:.2f}"),
+            ("e2e_x_hf", "{:.2f}"), ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
+    print("| " + " | ".join(k for k, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f.format(r[k]) if k in r else "" for k, f in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
