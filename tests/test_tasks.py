@@ -1,0 +1,87 @@
+"""The task world: determinism, splits, and gold answers recomputed from the world tables."""
+import json
+
+import pytest
+
+from tasks import (COMPOSITIONS, HELDOUT_COMPOSITIONS, load_jsonl_tasks, make_tasks, make_world,
+                   world_for_split)
+
+
+def test_world_and_tasks_are_deterministic():
+    assert make_world(5).facts == make_world(5).facts
+    assert make_world(5).facts != make_world(6).facts
+    a, b = make_tasks("train", 50, 3), make_tasks("train", 50, 3)
+    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert [t.question for t in a] != [t.question for t in make_tasks("train", 50, 4)]
+
+
+def test_splits():
+    train = {t.composition for t in make_tasks("train", 300, 0)}
+    assert not train & set(HELDOUT_COMPOSITIONS)
+    assert {t.composition for t in make_tasks("heldout-compositions", 50, 0)} == set(HELDOUT_COMPOSITIONS)
+    assert world_for_split("heldout").facts != world_for_split("train").facts
+    tasks = make_tasks("heldout", 500, 0)
+    assert {t.composition for t in tasks} == set(COMPOSITIONS)
+    assert min(t.difficulty for t in tasks) == 1 and max(t.difficulty for t in tasks) >= 5
+    assert max(t.depth for t in tasks) == 3 and all(t.min_rounds == t.depth for t in tasks)
+
+
+def _independent_value(world, s, results):
+    """Recompute a subtask's result from the world tables with separate, naive code."""
+    task = s.resolve(results)
+    for (relation, entity), value in world.facts.items():
+        phrase = {"capital": "capital of", "leader": "leader of", "country": "country of",
+                  "population": "population of", "city_founded": "founding year of",
+                  "company_founded": "founding year of", "born": "birth year of",
+                  "birthplace": "birthplace of", "employer": "employer of",
+                  "headquarters": "headquarters of", "employees": "employees of", "ceo": "ceo of"}[relation]
+        if task == f"{phrase} {entity}":
+            return str(value)
+    if task.startswith("reverse "):
+        return task[8:][::-1]
+    if task.startswith("uppercase "):
+        return task[10:].upper()
+    if task.startswith("letters in "):
+        return str(len(task[11:].replace(" ", "")))
+    if task.startswith("first 3 letters of "):
+        return task[19:22]
+    if task.startswith("join "):
+        a, b = task[5:].split(" and ")
+        return f"{a}-{b}"
+    nums = [int(x) for x in task.replace("max(", "").replace("min(", "").replace(")", "")
+            .replace(",", " ").replace("+", " ").replace("*", " ").replace(">", " ").replace("<", " ")
+            .split() if x.lstrip("-").isdigit()]
+    if task.startswith("max("):
+        return str(max(nums))
+    if task.startswith("min("):
+        return str(min(nums))
+    if " > " in task:
+        return "yes" if nums[0] > nums[1] else "no"
+    if " < " in task:
+        return "yes" if nums[0] < nums[1] else "no"
+    if " - " in task:
+        a, b = task.split(" - ")
+        return str(int(a) - int(b))
+    if " * " in task and " + " in task:
+        return str(nums[0] * nums[1] + nums[2])
+    if " * " in task:
+        return str(nums[0] * nums[1])
+    return str(sum(nums))
+
+
+@pytest.mark.parametrize("split", ["train", "heldout", "heldout-compositions"])
+def test_gold_answers_recomputed_from_the_world(split):
+    world = world_for_split(split)
+    for t in make_tasks(split, 300, 1, world):
+        results = {}
+        for s in t.subtasks:
+            results[s.id] = _independent_value(world, s, results)
+            assert results[s.id] == s.gold, (t.question, s)
+        assert t.answer == t.subtasks[-1].gold
+
+
+def test_jsonl_loader(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": 4}) + "\n\n")
+    (task,) = load_jsonl_tasks(str(path))
+    assert task.question == "2+2?" and task.answer == "4" and task.subtasks == []
