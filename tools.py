@@ -1,0 +1,517 @@
+"""Callees (tools and agents) behind one interface, and pools of them loaded from JSON.
+
+Design choices, and why:
+- One interface for every callee (Agent-as-Tool): a name, a kind ("tool" | "agent"), a one-line
+  description, a cost per call and a typical latency; `run(task, rng, timeout) -> Reply` with a
+  typed status (OK / EXEC_ERR / TIMEOUT), the text, the latency and the cost. The orchestrator
+  sees every callee through the same description line, so routing is learned from text.
+- Two clocks. Callees with `virtual_clock = True` return their latency as a number and never
+  sleep: simulated agents draw it from a lognormal; the in-process tools (kb, calc, text) really
+  compute their answer but stand in for remote services, so they are charged their declared
+  service latency. The executor (env.py) turns these numbers into a critical path, so an episode
+  of simulated calls takes well under a millisecond of real time. Callees with
+  `virtual_clock = False` (Python runner, HTTP agent, the local LLM agent) take real time and
+  report the measured wall time.
+- Batching. A callee with `batch = True` gets the calls that become ready at the same moment in
+  one `run_batch(tasks, rngs, timeout)` call: the executor groups calls with the same start time
+  that are submitted within a few event-loop ticks of each other (all calls ready at the start of
+  a turn; all dependents released by one batch). Two chains that reach the same start time
+  through callees that finish at different loop steps may land in separate batches. This is the place for
+  the local LLM agent that comes with the engine (policy.py): it answers N subtasks as N parallel
+  branches of one shared prefix. To add it, subclass `Callee`, set `batch = True` and
+  `virtual_clock = False`, implement `run_batch`, and pass its constructor to `load_pool` in
+  `extra_types` (e.g. {"local_llm": LocalLLMAgent}); nothing else changes.
+- Randomness comes in as an argument (`rng`), never from a global generator, so an episode is
+  reproducible from its seed whatever order the calls finish in.
+- Simulated agents know the world: they solve the task string exactly (with the same solvers the
+  tools use) and then, with probability 1 - accuracy for the task's skill, corrupt the answer
+  plausibly (a nearby number, another city's name, a flipped yes/no).
+- The Python runner is a separate `python -I -S` process with RLIMIT_AS / RLIMIT_CPU /
+  RLIMIT_FSIZE limits, a wall-clock timeout, an empty temporary working directory, a stripped
+  environment, output written to a size-limited file (never an unbounded pipe), and an audit
+  hook installed before the user's code that refuses any path inside the project, writes outside
+  the temporary directory, new processes, sockets and ctypes. Audit hooks are defence in depth,
+  not a sandbox: for truly hostile code run the whole thing in a container.
+"""
+import ast
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from tasks import KINDS, World, text_op_result
+
+OK, EXEC_ERR, TIMEOUT = "OK", "EXEC_ERR", "TIMEOUT"
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Reply:
+    status: str      # OK | EXEC_ERR | TIMEOUT
+    text: str
+    latency: float   # seconds: virtual for virtual-clock callees, measured otherwise
+    cost: float
+
+
+@dataclass
+class Callee:
+    name: str
+    kind: str            # "tool" | "agent"
+    description: str
+    cost: float          # per call
+    latency: float       # typical seconds per call, as advertised
+    virtual_clock: ClassVar[bool] = True
+    batch: ClassVar[bool] = False
+
+    def run(self, task: str, rng: random.Random, timeout: float) -> Reply:
+        raise NotImplementedError
+
+    def run_batch(self, tasks: list[str], rngs: list[random.Random], timeout: float) -> list[Reply]:
+        return [self.run(t, r, timeout) for t, r in zip(tasks, rngs)]
+
+    def describe(self) -> str:
+        """One line, the same format for tools and agents."""
+        return (f"- {self.name} | {self.kind} | {self.description} | "
+                f"cost {self.cost:.4f} | latency {self.latency:.2f}s")
+
+
+# ---------------------------------------------------------------- exact solvers
+
+class CalcError(ValueError):
+    pass
+
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
+           ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+_COMPARE = {ast.Gt: lambda a, b: a > b, ast.Lt: lambda a, b: a < b, ast.GtE: lambda a, b: a >= b,
+            ast.LtE: lambda a, b: a <= b, ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
+_FUNCS = {"max": max, "min": min, "abs": abs, "round": round}
+_MAX_DIGITS = 300
+
+
+def calculate(expr: str) -> str:
+    """Arithmetic by walking a whitelisted AST (never eval): numbers, + - * / // % **, unary -,
+    max/min/abs/round, one comparison (-> "yes"/"no"). Raises CalcError on anything else,
+    including results too large to be an honest arithmetic answer."""
+    expr = expr.strip().replace("×", "*").replace("^", "**")
+    if len(expr) > 500:
+        raise CalcError("expression too long")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise CalcError(f"not an arithmetic expression: {type(e).__name__}")
+    value = _calc_node(tree.body)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format_number(value)
+
+
+def _check_size(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        raise CalcError("result is not finite")
+    if abs(x) >= 10 ** _MAX_DIGITS:
+        raise CalcError("number too large")
+    return x
+
+
+def _calc_node(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return _check_size(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _calc_node(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        a, b = _calc_node(node.left), _calc_node(node.right)
+        # bound the size before computing, so 10**10**10 is refused rather than computed
+        if abs(b) > 1000 or (abs(a) > 1 and b * math.log10(abs(a)) > _MAX_DIGITS):
+            raise CalcError("power too large")
+        try:
+            return _check_size(a ** b)
+        except (ZeroDivisionError, OverflowError) as e:
+            raise CalcError(str(e))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = _calc_node(node.left), _calc_node(node.right)
+        try:
+            return _check_size(_BINOPS[type(node.op)](a, b))
+        except (ZeroDivisionError, OverflowError) as e:
+            raise CalcError(f"{type(e).__name__}: {e}")
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+        return _COMPARE[type(node.ops[0])](_calc_node(node.left), _calc_node(node.comparators[0]))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+            and not node.keywords and 0 < len(node.args) <= 50):
+        args = [_calc_node(a) for a in node.args]
+        if node.func.id in ("abs",) and len(args) != 1:
+            raise CalcError("abs takes one argument")
+        if node.func.id == "round" and len(args) > 2:
+            raise CalcError("round takes one or two arguments")
+        try:
+            return _check_size(_FUNCS[node.func.id](*args))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CalcError(str(e))
+    raise CalcError(f"unsupported syntax: {type(node).__name__}")
+
+
+def format_number(x) -> str:
+    """Integers print as integers (also integral floats); other floats with up to 6 decimals."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    if isinstance(x, float):
+        return f"{x:.6f}".rstrip("0").rstrip(".")
+    return str(x)
+
+
+_TEXT_PATTERNS = [("first3", re.compile(r"first 3 letters of (.+)", re.I | re.S)),
+                  ("reverse", re.compile(r"reverse (.+)", re.I | re.S)),
+                  ("upper", re.compile(r"uppercase (.+)", re.I | re.S)),
+                  ("letters", re.compile(r"letters in (.+)", re.I | re.S)),
+                  ("join", re.compile(r"join (.+?) and (.+)", re.I | re.S))]
+
+
+def text_operation(task: str) -> str | None:
+    """The string operations of the task world, or None if the task is not one of them."""
+    task = task.strip()
+    if len(task) > 1000:
+        return None
+    for op, pattern in _TEXT_PATTERNS:
+        m = pattern.fullmatch(task)
+        if m:
+            return text_op_result(op, [g.strip() for g in m.groups()])
+    return None
+
+
+def solve(task: str, world: World | None) -> tuple[str, str] | None:
+    """(skill, exact answer) for a task string of the task world, or None."""
+    if world is not None:
+        fact = world.lookup(task)
+        if fact is not None:
+            return "lookup", fact
+    text = text_operation(task)
+    if text is not None:
+        return "text", text
+    try:
+        return "math", calculate(task)
+    except CalcError:
+        return None
+
+
+# ---------------------------------------------------------------- tools
+
+@dataclass
+class KnowledgeBase(Callee):
+    world: World | None = None
+
+    def run(self, task, rng, timeout):
+        fact = self.world.lookup(task) if self.world else None
+        if fact is None:
+            return Reply(EXEC_ERR, f"no fact matches {task[:80]!r}", self.latency, self.cost)
+        return Reply(OK, fact, self.latency, self.cost)
+
+
+@dataclass
+class Calculator(Callee):
+    def run(self, task, rng, timeout):
+        try:
+            return Reply(OK, calculate(task), self.latency, self.cost)
+        except CalcError as e:
+            return Reply(EXEC_ERR, str(e), self.latency, self.cost)
+
+
+@dataclass
+class TextTool(Callee):
+    def run(self, task, rng, timeout):
+        result = text_operation(task)
+        if result is None:
+            return Reply(EXEC_ERR, "not a text operation (reverse X, uppercase X, letters in X, "
+                                   "first 3 letters of X, join X and Y)", self.latency, self.cost)
+        return Reply(OK, result, self.latency, self.cost)
+
+
+# The child's first code: limits, then the audit hook, then the user's code (read from stdin).
+_PYTHON_PRELUDE = r'''
+import ast, json, os, resource, sys, traceback
+tmp, roots, mem, cpu, fsize = json.loads(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+src = sys.stdin.read()
+_realpath, _fsdecode = os.path.realpath, os.fsdecode
+DENY = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+        "os.forkpty", "os.kill", "os.killpg", "socket.connect", "socket.bind", "socket.__new__",
+        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook", "sys._getframe",
+        "resource.setrlimit", "os.putenv", "os.chroot"}
+WRITES = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
+          "os.symlink", "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move",
+          "shutil.copyfile", "os.chflags", "os.setxattr", "os.removexattr"}
+READS = {"os.listdir", "os.scandir", "os.chdir", "glob.glob", "os.walk", "pathlib.Path.glob"}
+def _inside(p, base):
+    return p == base or p.startswith(base.rstrip(os.sep) + os.sep)
+def _check(path, write):
+    if isinstance(path, int) or path is None:
+        return
+    p = _realpath(_fsdecode(path))
+    if any(_inside(p, r) for r in roots):
+        raise PermissionError("access to the project's files is not allowed")
+    if write and not _inside(p, tmp):
+        raise PermissionError("writing is only allowed in the working directory")
+def _hook(event, args):
+    if event in DENY:
+        raise PermissionError(f"{event} is not allowed")
+    if event == "open":
+        path, mode, flags = args
+        write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+        _check(path, write)
+    elif event in WRITES or event in READS:
+        for a in args:
+            if isinstance(a, (str, bytes, os.PathLike)):
+                _check(a, event in WRITES)
+sys.addaudithook(_hook)
+del resource
+try:
+    tree = ast.parse(src, "<task>")
+    scope = {"__name__": "__main__"}
+    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr):  # REPL style: show the value
+        print(eval(compile(ast.Expression(tree.body[0].value), "<task>", "eval"), scope))
+    else:
+        exec(compile(tree, "<task>", "exec"), scope)
+except BaseException:
+    traceback.print_exc(limit=2)
+    sys.exit(1)
+'''
+
+
+@dataclass
+class PythonRunner(Callee):
+    cpu_seconds: int = 2
+    memory_mb: int = 256
+    wall_seconds: float = 5.0
+    output_chars: int = 2000
+    protected: list[str] = field(default_factory=lambda: [PROJECT_ROOT])
+    virtual_clock: ClassVar[bool] = False
+
+    def run(self, task, rng, timeout):
+        start = time.perf_counter()
+        wall = max(0.1, min(timeout, self.wall_seconds))
+        roots = [os.path.realpath(p) for p in self.protected]
+        with tempfile.TemporaryDirectory(prefix="pyrun-") as tmp:
+            tmp = os.path.realpath(tmp)
+            limits = json.dumps([tmp, roots, self.memory_mb << 20, self.cpu_seconds, 1 << 20])
+            out_path = os.path.join(tmp, ".output")
+            with open(out_path, "wb") as out:
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, limits],
+                                        stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=tmp, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                        start_new_session=True)
+                try:
+                    proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    _kill_group(proc)
+            with open(out_path, "rb") as f:
+                text = f.read(self.output_chars * 4).decode("utf-8", "replace")[: self.output_chars].strip()
+        latency = time.perf_counter() - start
+        if timed_out or proc.returncode == -signal.SIGXCPU:
+            return Reply(TIMEOUT, "time limit exceeded", latency, self.cost)
+        if proc.returncode != 0:
+            reason = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+            if proc.returncode < 0:
+                reason = f"killed by signal {signal.Signals(-proc.returncode).name} (resource limit)"
+            return Reply(EXEC_ERR, reason[:300], latency, self.cost)
+        return Reply(OK, text, latency, self.cost)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+# ---------------------------------------------------------------- agents
+
+@dataclass
+class SimAgent(Callee):
+    """A simulated LLM agent: exact solver + per-skill accuracy + plausible errors + failures."""
+    world: World | None = None
+    skills: dict[str, float] = field(default_factory=dict)   # skill -> accuracy in [0, 1]
+    latency_sigma: float = 0.4       # lognormal spread; `latency` is the median
+    exec_err_rate: float = 0.02
+    timeout_rate: float = 0.02
+
+    def run(self, task, rng, timeout):
+        latency = self.latency * rng.lognormvariate(0.0, self.latency_sigma)
+        r = rng.random()
+        if r < self.timeout_rate or latency > timeout:
+            return Reply(TIMEOUT, "", timeout, self.cost)
+        if r < self.timeout_rate + self.exec_err_rate:
+            return Reply(EXEC_ERR, "agent error: the model returned no usable answer", latency, self.cost)
+        solved = solve(task, self.world)
+        if solved is None:
+            return Reply(EXEC_ERR, "agent could not understand the task", latency, self.cost)
+        skill, answer = solved
+        if rng.random() >= self.skills.get(skill, 0.0):
+            answer = plausible_wrong(answer, self.world, rng)
+        return Reply(OK, answer, latency, self.cost)
+
+
+def plausible_wrong(answer: str, world: World | None, rng: random.Random) -> str:
+    """A wrong answer of the same type: nearby number, same-type entity, flipped yes/no, typo."""
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    try:
+        value = int(answer)
+    except ValueError:
+        value = None
+    if value is not None:
+        delta = rng.randint(1, 30) if 900 <= value <= 2100 else max(1, round(abs(value) * rng.uniform(0.02, 0.3)))
+        return str(value + rng.choice([-1, 1]) * delta)
+    kind = world.entity_type(answer) if world else None
+    if kind:
+        return rng.choice([e for e in world.entities[kind] if e != answer])
+    if len(answer) >= 2:
+        i = rng.randrange(len(answer) - 1)
+        swapped = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
+        if swapped != answer:
+            return swapped
+    return answer + rng.choice("aeiou")
+
+
+@dataclass
+class HttpAgent(Callee):
+    """Any OpenAI-compatible /v1/chat/completions endpoint, standard library only."""
+    url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = ""            # name of the environment variable holding the key, if any
+    system_prompt: str = "Answer the task. Reply with the result only."
+    max_tokens: int = 256
+    virtual_clock: ClassVar[bool] = False
+
+    def run(self, task, rng, timeout):
+        start = time.perf_counter()
+        body = json.dumps({"model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
+                           "messages": [{"role": "system", "content": self.system_prompt},
+                                        {"role": "user", "content": task}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
+        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
+
+        def reply(status, text):
+            return Reply(status, text, time.perf_counter() - start, self.cost)
+        try:
+            with urllib.request.urlopen(request, timeout=max(0.01, timeout)) as response:
+                raw = response.read(1 << 20)
+        except urllib.error.HTTPError as e:
+            return reply(EXEC_ERR, f"HTTP {e.code} {e.reason}")
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                return reply(TIMEOUT, "")
+            return reply(EXEC_ERR, f"connection failed: {e.reason}")
+        except (socket.timeout, TimeoutError):
+            return reply(TIMEOUT, "")
+        except (OSError, ValueError) as e:
+            return reply(EXEC_ERR, f"request failed: {type(e).__name__}")
+        try:
+            text = json.loads(raw)["choices"][0]["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError
+        except (ValueError, KeyError, IndexError, TypeError):
+            return reply(EXEC_ERR, "bad JSON in the reply")
+        return reply(OK, text.strip())
+
+
+# ---------------------------------------------------------------- pools
+
+CALLEE_TYPES = {"kb": KnowledgeBase, "calc": Calculator, "text": TextTool, "python": PythonRunner,
+                "sim_agent": SimAgent, "http": HttpAgent}
+POOLS_DIR = os.path.join(PROJECT_ROOT, "pools")
+
+
+@dataclass
+class Pool:
+    name: str
+    callees: list[Callee]
+
+    def get(self, name: str) -> Callee | None:
+        return next((c for c in self.callees if c.name == name), None)
+
+    def describe(self) -> str:
+        return "\n".join(c.describe() for c in self.callees)
+
+
+def build_callee(spec: dict, world: World | None, extra_types: dict | None = None) -> Callee:
+    types = {**CALLEE_TYPES, **(extra_types or {})}
+    spec = dict(spec)
+    cls = types[spec.pop("type")]
+    if cls in (KnowledgeBase, SimAgent):
+        spec["world"] = world
+    return cls(**spec)
+
+
+def read_pool_spec(name_or_path: str) -> dict:
+    """A pool by file path, or by name in pools/ ("seen" is the randomized training family)."""
+    path = name_or_path
+    if not os.path.exists(path):
+        path = os.path.join(POOLS_DIR, ("train" if name_or_path == "seen" else name_or_path) + ".json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_pool(spec: dict | str, world: World | None, rng: random.Random | None = None,
+              extra_types: dict | None = None) -> Pool:
+    """A fixed pool, or one draw from a family (needs rng: a new draw per episode)."""
+    spec = read_pool_spec(spec) if isinstance(spec, str) else spec
+    if spec.get("family"):
+        if rng is None:
+            raise ValueError(f"pool {spec['name']!r} is a randomized family: pass an rng")
+        spec = sample_family(spec, rng)
+    return Pool(spec["name"], [build_callee(c, world, extra_types) for c in spec["callees"]])
+
+
+def level_word(accuracy: float, levels: list) -> str:
+    """levels: [[min_accuracy, word], ...] from best to worst."""
+    return next(word for threshold, word in levels if accuracy >= threshold)
+
+
+def sample_family(family: dict, rng: random.Random) -> dict:
+    """One concrete pool spec from a family: names, costs, latencies, descriptions and agent
+    skill profiles are all drawn at random, so only the description says what a callee is for."""
+    names = rng.sample(family["names"], len(family["tools"]) + family["agents"]["count"][1])
+    callees = []
+    for tool in family["tools"]:
+        callees.append({"type": tool["type"], "name": names.pop(), "kind": "tool",
+                        "description": rng.choice(tool["descriptions"]),
+                        "cost": round(rng.uniform(*tool["cost"]), 4),
+                        "latency": round(rng.uniform(*tool["latency"]), 2)})
+    agents = family["agents"]
+    for _ in range(rng.randint(*agents["count"])):
+        profile = rng.choice(agents["profiles"])
+        skills = {k: min(0.99, max(0.3, acc + rng.uniform(-0.03, 0.03))) for k, acc in profile.items()}
+        order = rng.sample(KINDS, len(KINDS))
+        parts = [agents["skill_phrases"][rng.randrange(len(agents["skill_phrases"]))].format(
+            level=level_word(skills[k], family["levels"]), skill=rng.choice(agents["skill_words"][k]))
+            for k in order]
+        description = rng.choice(agents["openers"]) + "; " + ", ".join(parts)
+        callees.append({"type": "sim_agent", "name": names.pop(), "kind": "agent",
+                        "description": description, "skills": skills,
+                        "cost": round(rng.uniform(*agents["cost"]), 4),
+                        "latency": round(rng.uniform(*agents["latency"]), 2),
+                        "latency_sigma": agents["latency_sigma"],
+                        "exec_err_rate": round(rng.uniform(*agents["exec_err_rate"]), 3),
+                        "timeout_rate": round(rng.uniform(*agents["timeout_rate"]), 3)})
+    rng.shuffle(callees)
+    return {"name": family["name"], "callees": callees}
