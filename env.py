@@ -1,0 +1,563 @@
+"""The orchestration environment: protocol parsing, async execution of a turn, state feedback,
+episodes and rewards. It knows tasks and callees; it knows nothing about models or training.
+
+The protocol (DESIGN.md §6). An assistant turn is text with tags:
+    <think>short plan</think>                        optional, ignored by the environment
+    <call id="1" to="kb">capital of Zarnia</call>    id: a new number (unique in the episode)
+    <call id="2" to="kb">population of {1}</call>    {k} = the result of call k
+    <answer>...</answer>                             ends the episode
+A call waits only for the calls it references; everything else in the turn runs at once. {k}
+may name an earlier call of the same turn (a dependency edge) or any call of an earlier round
+(its result is pasted in; if it did not succeed, the call fails with EXEC_ERR). A reference to a
+later call, to itself or to an unknown id is a PARSE_ERR, so a turn's graph is acyclic by
+construction. The environment answers with one state message (role "user"):
+    <state round="1" elapsed="0.42" cost="0.0030">
+    <result id="1" from="kb" status="OK" latency="0.21">Velora</result>
+    </state>
+Statuses: OK, PARSE_ERR (the action could not be parsed; the text says why), EXEC_ERR (the callee
+failed, or a call it depends on did), TIMEOUT (past the per-call deadline). The parser never
+raises: every problem (malformed or nested tags, unknown callee, duplicate id, bad reference,
+huge input, binary junk, <state>/<result> written by the policy) becomes a PARSE_ERR result;
+non-space text outside the tags is counted. A turn holding <answer> ends the episode; calls in
+that turn are not run and count as a parse error.
+
+Time. A round's calls form a graph; call c starts when its dependencies end:
+start(c) = max(end(d) for d in deps(c)), end(c) = start(c) + latency(c), and the round takes
+max end(c) (its critical path). Latencies are virtual for simulated callees and measured for real
+ones (tools.py). `elapsed` is the sum over rounds: the episode's critical-path latency (the
+policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
+seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
+
+Rewards (every term reported on its own; weights are RewardConfig fields, hence flags):
+    success     = w_success * [answer matches gold]          (numbers within answer_rel_tol,
+                                                               text case/space-normalized)
+    protocol    = - w_parse_error * min(parse_errors, parse_error_cap)
+                  - w_no_answer   * [no parseable answer]
+                  - w_outside     * turns_with_text_outside_tags
+    redundancy  = - w_redundant * redundant_calls   (same callee + same resolved task as a call
+                                                     that already came back OK, or as another
+                                                     call of the same turn)
+    diversity   = w_group_diversity * [success] * (1 - (m - 1) / (G - 1))     (group_rewards only:
+                  G episodes of one prompt, m = how many of them share this episode's
+                  decomposition, i.e. its multiset of task strings with {k} ids erased; 0 if G=1)
+    rounds      = - w_extra_round * max(0, rounds - min_rounds)
+    tokens      = - w_token * generated_tokens     (the caller passes token counts; default:
+                                                    whitespace-separated pieces)
+    cost        = - w_cost * total_cost
+    latency     = - w_latency * elapsed
+    reward      = sum of the terms above
+"""
+import asyncio
+import html
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from cli import field as flag
+from tasks import Task
+from tools import EXEC_ERR, OK, TIMEOUT, Pool, Reply
+
+PARSE_ERR = "PARSE_ERR"
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass
+class RewardConfig:
+    w_success: float = flag(1.0, "reward for an answer that matches the gold answer", "reward")
+    w_parse_error: float = flag(0.1, "penalty per PARSE_ERR", "reward")
+    parse_error_cap: int = flag(10, "at most this many PARSE_ERRs are penalized", "reward")
+    w_no_answer: float = flag(0.5, "penalty for ending without a parseable answer", "reward")
+    w_outside: float = flag(0.05, "penalty per turn with text outside the protocol tags", "reward")
+    w_redundant: float = flag(0.05, "penalty per redundant call", "reward")
+    w_group_diversity: float = flag(0.05, "bonus for a successful decomposition unique in its group", "reward")
+    w_extra_round: float = flag(0.05, "penalty per round beyond the task's min_rounds", "reward")
+    w_token: float = flag(0.0005, "penalty per generated token", "reward")
+    w_cost: float = flag(1.0, "penalty per unit of call cost", "reward")
+    w_latency: float = flag(0.01, "penalty per second of critical-path latency", "reward")
+    answer_rel_tol: float = flag(1e-6, "relative tolerance for numeric answers", "reward")
+
+
+@dataclass
+class EnvConfig:
+    max_turns: int = flag(10, "assistant turns per episode", "environment")
+    time_budget: float = flag(120.0, "seconds of critical-path time per episode", "environment")
+    call_timeout: float = flag(10.0, "per-call deadline in seconds", "environment")
+    max_calls_per_turn: int = flag(16, "calls beyond this in one turn are PARSE_ERR", "environment")
+    max_turn_chars: int = flag(8000, "longer turns are cut here (and flagged)", "environment")
+    max_task_chars: int = flag(1000, "longer call tasks are PARSE_ERR", "environment")
+    failure_rate: float = flag(0.0, "injected: each call fails (half EXEC_ERR, half TIMEOUT) with this probability", "environment")
+
+
+# ---------------------------------------------------------------- parsing
+
+@dataclass
+class Call:
+    id: str
+    to: str
+    task: str                      # as written, with {k} references
+    refs: list[str] = field(default_factory=list)
+    error: str = ""                # non-empty: PARSE_ERR with this message
+
+
+@dataclass
+class ParsedTurn:
+    calls: list[Call]
+    answer: str | None
+    errors: list[str]              # turn-level problems (no call id to attach them to)
+    outside_chars: int
+
+
+_TAG = re.compile(r"<(/?)([A-Za-z_][A-Za-z0-9_]{0,20})([^<>]{0,300})>")
+_ATTR = re.compile(r'([A-Za-z_]+)\s*=\s*"([^"]*)"')
+_REF = re.compile(r"\{(\d{1,6})\}")
+_KNOWN = ("think", "call", "answer")
+_ENV_ONLY = ("state", "result")
+
+
+def _clip(s: str, n: int = 40) -> str:
+    """A safe, short echo of user text inside an error message."""
+    s = "".join(ch if ch.isprintable() else "?" for ch in s[:n])
+    return s.replace("<", "(").replace(">", ")").replace('"', "'") + ("..." if len(s) >= n else "")
+
+
+def parse_turn(text: str, max_chars: int = 8000) -> ParsedTurn:
+    """Split one assistant turn into calls, an answer, errors and the amount of stray text.
+    Never raises: every problem is reported in `errors` or in a call's `error`."""
+    errors: list[str] = []
+    if not isinstance(text, str):
+        text = str(text)
+    if len(text) > max_chars:
+        errors.append(f"turn is {len(text)} characters; only the first {max_chars} were read")
+        text = text[:max_chars]
+    tags = [m for m in _TAG.finditer(text) if m.group(2) in _KNOWN + _ENV_ONLY]
+    calls, answers, outside, pos, i = [], [], 0, 0, 0
+    while i < len(tags):
+        m = tags[i]
+        outside += len("".join(text[pos:m.start()].split()))
+        closing, name, attrs = m.group(1), m.group(2), m.group(3)
+        if name in _ENV_ONLY:
+            errors.append(f"the {name} tag is written by the environment, not by you")
+            pos, i = m.end(), i + 1
+            continue
+        if closing:
+            errors.append(f"stray closing {name} tag")
+            pos, i = m.end(), i + 1
+            continue
+        # find the matching close; any other protocol tag before it means a nesting error
+        j = i + 1
+        while j < len(tags) and not (tags[j].group(1) and tags[j].group(2) == name):
+            if tags[j].group(2) in _KNOWN and name != "think":
+                break
+            j += 1
+        closed = j < len(tags) and tags[j].group(1) == "/" and tags[j].group(2) == name
+        body = text[m.end():tags[j].start()] if closed else ""
+        if name == "think":
+            if not closed:
+                errors.append("unclosed think tag")
+        elif name == "answer":
+            if not closed:
+                errors.append("unclosed or nested answer tag")
+            elif attrs.strip():
+                errors.append("the answer tag takes no attributes")
+            else:
+                answers.append(body.strip())
+        else:
+            calls.append(_parse_call(attrs, body, closed))
+        if closed:
+            pos, i = tags[j].end(), j + 1
+        else:
+            pos, i = m.end(), i + 1
+    outside += len("".join(text[pos:].split()))
+    answer = None
+    if len(answers) > 1:
+        errors.append(f"{len(answers)} answer tags; only the first counts")
+    if answers:
+        answer = answers[0]
+        if not answer:
+            errors.append("empty answer")
+            answer = None
+    return ParsedTurn(calls, answer, errors, outside)
+
+
+def _parse_call(attrs: str, body: str, closed: bool) -> Call:
+    pairs = _ATTR.findall(attrs)
+    values = dict(pairs)
+    call = Call(id=_clip(values.get("id", "?"), 12), to=_clip(values.get("to", "?"), 40), task=body.strip())
+    leftover = _ATTR.sub("", attrs).strip()
+    if not closed:
+        call.error = "unclosed or nested call tag"
+    elif leftover or len(pairs) != len(values) or set(values) != {"id", "to"}:
+        call.error = 'a call needs exactly id="N" and to="NAME"'
+    elif not re.fullmatch(r"[1-9]\d{0,5}", values["id"]):
+        call.error = f"call id {call.id!r} is not a positive number"
+    elif not call.task:
+        call.error = "empty task"
+    call.refs = _REF.findall(body)
+    return call
+
+
+# ---------------------------------------------------------------- execution
+
+@dataclass
+class CallResult:
+    id: str
+    to: str
+    task: str                      # resolved: references replaced by results
+    status: str
+    text: str
+    latency: float
+    cost: float
+    start: float = 0.0             # within the round, on the critical-path clock
+    end: float = 0.0
+    raw_task: str = ""
+    redundant: bool = False
+
+
+def validate(turn: ParsedTurn, pool: Pool, history: dict[str, CallResult], config: EnvConfig) -> list[CallResult | Call]:
+    """Each call either stays a Call to run, or becomes a PARSE_ERR CallResult."""
+    out, seen = [], set()
+    for n, call in enumerate(turn.calls):
+        error = call.error
+        if not error and n >= config.max_calls_per_turn:
+            error = f"too many calls in one turn (at most {config.max_calls_per_turn})"
+        if not error and (call.id in seen or call.id in history):
+            error = f"call id {call.id} is already used"
+        if not error and pool.get(call.to) is None:
+            error = f"unknown callee {call.to!r}; the pool has: " + ", ".join(c.name for c in pool.callees)
+        if not error and len(call.task) > config.max_task_chars:
+            error = f"task is longer than {config.max_task_chars} characters"
+        for ref in call.refs:
+            if error:
+                break
+            if ref == call.id:
+                error = f"{{{ref}}} refers to the call itself"
+            elif ref not in seen and ref not in history:
+                later = any(c.id == ref for c in turn.calls[n + 1:])
+                error = f"{{{ref}}} refers to a later call" if later else f"{{{ref}}} refers to no earlier call"
+        seen.add(call.id)
+        out.append(CallResult(call.id, call.to, call.task, PARSE_ERR, error, 0.0, 0.0, raw_task=call.task)
+                   if error else call)
+    return out
+
+
+async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed: str,
+                   config: EnvConfig) -> list[CallResult]:
+    """Run one turn's calls as a dependency graph; returns results in the turn's order."""
+    loop = asyncio.get_running_loop()
+    done: dict[str, asyncio.Future] = {}
+    batches: dict = {}            # (callee name, start time) -> list of pending requests
+    pending: list = []            # running batches of real callees (kept so they are awaited)
+
+    def settle(key, size, quiet):
+        # wait until the batch stops growing for a few loop ticks: calls that reach the same
+        # start time through different dependency chains wake up a tick or two apart
+        if len(batches[key]) != size or quiet < 3:
+            loop.call_soon(settle, key, len(batches[key]), 0 if len(batches[key]) != size else quiet + 1)
+        else:
+            flush(key)
+
+    def flush(key):
+        callee, requests = pool.get(key[0]), batches.pop(key)
+        tasks, rngs = [r[0] for r in requests], [r[1] for r in requests]
+        if callee.virtual_clock:
+            for r, reply in zip(requests, callee.run_batch(tasks, rngs, config.call_timeout)):
+                r[2].set_result(reply)
+            return
+
+        async def run_real():
+            try:
+                replies = await asyncio.wait_for(
+                    asyncio.to_thread(callee.run_batch, tasks, rngs, config.call_timeout),
+                    config.call_timeout + 1.0)
+            except asyncio.TimeoutError:
+                replies = [Reply(TIMEOUT, "", config.call_timeout, callee.cost)] * len(requests)
+            for r, reply in zip(requests, replies):
+                r[2].set_result(reply)
+        pending.append(asyncio.ensure_future(run_real()))
+
+    async def dispatch(callee, task: str, rng: random.Random, start: float) -> Reply:
+        if config.failure_rate and rng.random() < config.failure_rate:
+            if rng.random() < 0.5:
+                return Reply(EXEC_ERR, "injected failure: the callee is unavailable", callee.latency, callee.cost)
+            return Reply(TIMEOUT, "", config.call_timeout, callee.cost)
+        if callee.batch:
+            # calls to a batching callee that become ready at the same moment go in one batch
+            key = (callee.name, round(start, 9))
+            future = loop.create_future()
+            if key not in batches:
+                batches[key] = []
+                loop.call_soon(settle, key, -1, 0)
+            batches[key].append((task, rng, future))
+            return await future
+        if callee.virtual_clock:
+            return callee.run(task, rng, config.call_timeout)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(callee.run, task, rng, config.call_timeout),
+                                          config.call_timeout + 1.0)
+        except asyncio.TimeoutError:
+            return Reply(TIMEOUT, "", config.call_timeout, callee.cost)
+
+    async def run_one(call: Call) -> CallResult:
+        deps = []
+        for ref in dict.fromkeys(call.refs):
+            deps.append(await done[ref] if ref in done else history[ref])
+        start = max((d.end if d.id in done else 0.0 for d in deps), default=0.0)
+        failed = [d for d in deps if d.status != OK]
+        if failed:   # the task stays unresolved: there is no result to paste in
+            return CallResult(call.id, call.to, call.task, EXEC_ERR,
+                              f"dependency {{{failed[0].id}}} failed ({failed[0].status})", 0.0, 0.0,
+                              start, start, call.task)
+        task = call.task
+        for d in deps:
+            task = task.replace("{%s}" % d.id, d.text)
+        rng = random.Random(f"{seed}:{call.id}")
+        reply = await dispatch(pool.get(call.to), task, rng, start)
+        if reply.latency > config.call_timeout:
+            reply = Reply(TIMEOUT, "", config.call_timeout, reply.cost)
+        return CallResult(call.id, call.to, task, reply.status, reply.text, reply.latency, reply.cost,
+                          start, start + reply.latency, call.task)
+
+    async def finished(result: CallResult) -> CallResult:
+        return result
+
+    futures = []
+    for item in items:
+        future = asyncio.ensure_future(run_one(item) if isinstance(item, Call) else finished(item))
+        futures.append(future)
+        if item.id not in history:   # a duplicate id (a PARSE_ERR) never shadows the first call
+            done.setdefault(item.id, future)
+    results = list(await asyncio.gather(*futures))
+    await asyncio.gather(*pending)
+    return results
+
+
+def run_turn(items: list, pool: Pool, history: dict[str, CallResult], seed: str,
+             config: EnvConfig) -> list[CallResult]:
+    if not items:
+        return []
+    return asyncio.run(_execute(items, pool, history, seed, config))
+
+
+# ---------------------------------------------------------------- answers and state text
+
+_NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
+_SYNONYMS = {"true": "yes", "false": "no"}
+
+
+def normalize_answer(text: str) -> str:
+    text = " ".join(str(text).strip().lower().split()).strip(" .!\"'")
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", text):
+        text = text.replace(",", "")
+    return _SYNONYMS.get(text, text)
+
+
+def answers_match(prediction: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
+    if prediction is None:
+        return False
+    p, g = normalize_answer(prediction), normalize_answer(gold)
+    if _NUMBER.fullmatch(p) and _NUMBER.fullmatch(g):
+        a, b = float(p), float(g)
+        return abs(a - b) <= max(1e-9, rel_tol * abs(b))
+    return p == g
+
+
+def format_state(round_no: int, elapsed: float, cost: float, results: list[CallResult],
+                 errors: list[str]) -> str:
+    lines = [f'<state round="{round_no}" elapsed="{elapsed:.2f}" cost="{cost:.4f}">']
+    for e in errors:
+        lines.append(f'<result id="-" from="-" status="{PARSE_ERR}" latency="0.00">{html.escape(e, False)}</result>')
+    for r in results:
+        text = html.escape(r.text[:2000], quote=False)
+        lines.append(f'<result id="{r.id}" from="{html.escape(r.to)}" status="{r.status}" '
+                     f'latency="{r.latency:.2f}">{text}</result>')
+    lines.append("</state>")
+    return "\n".join(lines)
+
+
+def system_prompt(pool: Pool, config: EnvConfig) -> str:
+    return (
+        "You are an orchestrator. Do not solve the question yourself: split it into subtasks and "
+        "delegate each one to a callee from the pool.\n"
+        "Each turn, optionally write <think>a short plan</think>, then either calls or the answer:\n"
+        '<call id="1" to="NAME">one task</call> - ids are new numbers; {k} in a task stands for the '
+        "result of call k, and the call waits for it. Calls that do not wait for each other run in "
+        "parallel.\n"
+        "<answer>final answer</answer> - ends the episode.\n"
+        'After your calls you get <state round=".." elapsed=".." cost=".."> with one <result id=".." '
+        'from=".." status=".." latency=".."> per call. Status: OK; PARSE_ERR (your call was malformed); '
+        "EXEC_ERR (the callee failed, or a call it waits for failed); TIMEOUT. Retry or re-route "
+        "failed calls.\n"
+        f"Write nothing outside these tags. Budget: {config.max_turns} turns, "
+        f"{config.time_budget:g} seconds.\n"
+        "Pool (name | kind | description | cost per call | typical latency):\n" + pool.describe())
+
+
+# ---------------------------------------------------------------- episodes
+
+@dataclass
+class Round:
+    """One executed turn, kept for traces and SFT data."""
+    number: int
+    text: str
+    results: list[CallResult]
+    errors: list[str]
+    elapsed: float                 # this round's critical path
+    state: str
+
+
+@dataclass
+class EpisodeResult:
+    question: str
+    gold: str
+    answer: str | None
+    success: bool
+    rounds: int                    # executed call turns (the answer turn is not counted)
+    turns: int                     # assistant turns
+    min_rounds: int
+    latency: float                 # critical-path seconds
+    cost: float
+    calls: int
+    parse_errors: int
+    exec_errors: int
+    timeouts: int
+    redundant_calls: int
+    outside_turns: int
+    tokens: int
+    protocol_ok: bool              # no PARSE_ERR, no stray text, a parseable answer
+    decomposition: list[str]
+    composition: str
+    difficulty: int
+    rewards: dict = field(default_factory=dict)
+    reward: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Episode:
+    """One question, driven turn by turn:
+        episode = Episode(task, pool, EnvConfig(), RewardConfig(), seed=0)
+        while not episode.done:
+            episode.step(policy(episode.messages))
+        episode.result()
+    """
+
+    def __init__(self, task: Task, pool: Pool, config: EnvConfig | None = None,
+                 reward: RewardConfig | None = None, seed: int | str = 0):
+        self.task, self.pool = task, pool
+        self.config, self.reward_config = config or EnvConfig(), reward or RewardConfig()
+        self.seed = seed
+        self.messages = [{"role": "system", "content": system_prompt(pool, self.config)},
+                         {"role": "user", "content": task.question}]
+        self.history: dict[str, CallResult] = {}
+        self.rounds: list[Round] = []
+        self.done, self.answer = False, None
+        self.elapsed = self.cost = 0.0
+        self.turns = self.tokens = self.parse_errors = self.outside_turns = 0
+        self._ok_calls: set = set()
+
+    def step(self, text: str, n_tokens: int | None = None) -> str | None:
+        """Apply one assistant turn; return the state message, or None when the episode is over."""
+        if self.done:
+            raise RuntimeError("the episode is over")
+        text = text if isinstance(text, str) else str(text)
+        self.turns += 1
+        self.tokens += n_tokens if n_tokens is not None else len(text.split())
+        self.messages.append({"role": "assistant", "content": text})
+        turn = parse_turn(text, self.config.max_turn_chars)
+        self.outside_turns += turn.outside_chars > 0
+        if turn.answer is not None:
+            # calls written beside the answer are not run: that is a protocol error
+            self.parse_errors += len(turn.errors) + (len(turn.calls) > 0)
+            self.answer, self.done = turn.answer, True
+            return None
+        errors = list(turn.errors)
+        if not turn.calls and not errors:
+            errors.append("no call and no answer in this turn")
+        items = validate(turn, self.pool, self.history, self.config)
+        results = run_turn(items, self.pool, self.history, f"{self.seed}:{len(self.rounds) + 1}", self.config)
+        self._mark_redundant(results)
+        round_time = max((r.end for r in results), default=0.0)
+        self.elapsed += round_time
+        self.cost += sum(r.cost for r in results)
+        self.parse_errors += len(errors) + sum(r.status == PARSE_ERR for r in results)
+        for r in results:  # a PARSE_ERR with a reused id must not overwrite the earlier call
+            self.history.setdefault(r.id, r)
+        state = format_state(len(self.rounds) + 1, self.elapsed, self.cost, results, errors)
+        self.rounds.append(Round(len(self.rounds) + 1, text, results, errors, round_time, state))
+        self.messages.append({"role": "user", "content": state})
+        if self.turns >= self.config.max_turns or self.elapsed >= self.config.time_budget:
+            self.done = True
+            return None
+        return state
+
+    def _mark_redundant(self, results: list[CallResult]) -> None:
+        this_turn = set()
+        for r in results:
+            if r.status == PARSE_ERR:
+                continue
+            key = (r.to, " ".join(r.task.lower().split()))
+            r.redundant = key in self._ok_calls or key in this_turn
+            this_turn.add(key)
+        self._ok_calls |= {(r.to, " ".join(r.task.lower().split())) for r in results if r.status == OK}
+
+    def result(self) -> EpisodeResult:
+        results = [r for rnd in self.rounds for r in rnd.results]
+        success = answers_match(self.answer, self.task.answer, self.reward_config.answer_rel_tol)
+        decomposition = sorted(_REF.sub("{}", " ".join(r.raw_task.lower().split()))
+                               for r in results if r.status != PARSE_ERR)
+        res = EpisodeResult(
+            question=self.task.question, gold=self.task.answer, answer=self.answer, success=success,
+            rounds=len(self.rounds), turns=self.turns, min_rounds=self.task.min_rounds,
+            latency=self.elapsed, cost=self.cost, calls=len(results), parse_errors=self.parse_errors,
+            exec_errors=sum(r.status == EXEC_ERR for r in results),
+            timeouts=sum(r.status == TIMEOUT for r in results),
+            redundant_calls=sum(r.redundant for r in results), outside_turns=self.outside_turns,
+            tokens=self.tokens,
+            protocol_ok=self.parse_errors == 0 and self.outside_turns == 0 and self.answer is not None,
+            decomposition=decomposition, composition=self.task.composition,
+            difficulty=self.task.difficulty)
+        res.rewards = episode_rewards(res, self.reward_config)
+        res.reward = sum(res.rewards.values())
+        return res
+
+
+def episode_rewards(r: EpisodeResult, c: RewardConfig) -> dict[str, float]:
+    """Every reward term of one episode (the group diversity term is 0 here; see group_rewards)."""
+    terms = {
+        "success": c.w_success * r.success,
+        "protocol": -(c.w_parse_error * min(r.parse_errors, c.parse_error_cap)
+                      + c.w_no_answer * (r.answer is None) + c.w_outside * r.outside_turns),
+        "redundancy": -c.w_redundant * r.redundant_calls,
+        "diversity": 0.0,
+        "rounds": -c.w_extra_round * max(0, r.rounds - r.min_rounds),
+        "tokens": -c.w_token * r.tokens,
+        "cost": -c.w_cost * r.cost,
+        "latency": -c.w_latency * r.latency,
+    }
+    return {k: v + 0.0 for k, v in terms.items()}   # + 0.0 turns -0.0 into 0.0
+
+
+def group_rewards(results: list[EpisodeResult], config: RewardConfig) -> list[dict[str, float]]:
+    """Reward terms for G episodes of the same prompt, with the group diversity term filled in.
+    Also updates each result's `rewards` and `reward`."""
+    g = len(results)
+    counts = Counter(tuple(r.decomposition) for r in results)
+    out = []
+    for r in results:
+        terms = episode_rewards(r, config)
+        if g > 1:
+            same = counts[tuple(r.decomposition)]
+            terms["diversity"] = config.w_group_diversity * r.success * (1 - (same - 1) / (g - 1))
+        r.rewards, r.reward = terms, sum(terms.values())
+        out.append(terms)
+    return out
+
+
+def play(episode: Episode, policy) -> EpisodeResult:
+    """Drive an episode with any `policy(messages) -> str` until it is done."""
+    while not episode.done:
+        episode.step(policy(episode.messages))
+    return episode.result()

@@ -1,0 +1,166 @@
+"""Executor, episodes and rewards against hand-computed cases."""
+import random
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from baselines import scripted_policy
+from env import (EnvConfig, Episode, EpisodeResult, RewardConfig, answers_match, episode_rewards,
+                 group_rewards, play)
+from tasks import Subtask, Task, make_tasks, world_for_split
+from tools import OK, Callee, Pool, Reply, load_pool
+
+
+@dataclass
+class Echo(Callee):
+    """Answers the task upper-cased after a fixed latency; 'fail' fails, 'slow' takes 100 s."""
+    calls: list = None
+
+    def run(self, task, rng, timeout):
+        if self.calls is not None:
+            self.calls.append(task)
+        if "fail" in task:
+            return Reply("EXEC_ERR", "boom", self.latency, self.cost)
+        latency = 100.0 if "slow" in task else self.latency
+        return Reply(OK, task.upper(), latency, self.cost)
+
+
+@dataclass
+class Batcher(Echo):
+    batch = True
+    batches: list = None
+
+    def run_batch(self, tasks, rngs, timeout):
+        self.batches.append(list(tasks))
+        return [self.run(t, r, timeout) for t, r in zip(tasks, rngs)]
+
+
+def _pool():
+    return Pool("test", [Echo("a", "agent", "fast", 0.01, 1.0), Echo("b", "agent", "slow", 0.02, 2.0)])
+
+
+TASK = Task("q?", "A B", [Subtask(1, "text", "a", "A")], "test", 1, 1, 1)
+
+
+def test_critical_path_hand_computed():
+    ep = Episode(TASK, _pool(), EnvConfig(call_timeout=10))
+    state = ep.step('<call id="1" to="a">x</call><call id="2" to="b">y</call>'
+                    '<call id="3" to="a">{1} {2}</call><call id="4" to="b">z</call>')
+    # 1: 0..1, 2: 0..2, 3 waits for both: 2..3, 4: 0..2 -> round = 3.0
+    assert 'elapsed="3.00"' in state and 'cost="0.0600"' in state
+    r3 = ep.rounds[0].results[2]
+    assert (r3.start, r3.end, r3.task, r3.text) == (2.0, 3.0, "X Y", "X Y")
+    ep.step('<call id="5" to="b">{3}!</call>')      # a reference to an earlier round
+    assert ep.rounds[1].results[0].task == "X Y!" and ep.elapsed == pytest.approx(5.0)
+
+
+def test_failed_dependency_and_timeout():
+    ep = Episode(TASK, _pool(), EnvConfig(call_timeout=5))
+    state = ep.step('<call id="1" to="a">fail</call><call id="2" to="a">{1}</call>'
+                    '<call id="3" to="b">slow</call><call id="4" to="a">{3}</call>')
+    statuses = [r.status for r in ep.rounds[0].results]
+    assert statuses == ["EXEC_ERR", "EXEC_ERR", "TIMEOUT", "EXEC_ERR"]
+    assert "dependency {1} failed" in ep.rounds[0].results[1].text
+    assert ep.rounds[0].elapsed == 5.0 and 'latency="5.00"' in state
+    ep.step('<call id="5" to="a">{1}</call>')     # an earlier round's failure fails it too
+    assert ep.rounds[1].results[0].status == "EXEC_ERR"
+
+
+def test_batching_callee_gets_simultaneous_calls_together():
+    seen = []
+    pool = Pool("t", [Batcher("m", "agent", "batched", 0.0, 1.0, batches=seen), Echo("a", "agent", "x", 0.0, 1.0)])
+    ep = Episode(TASK, pool)
+    ep.step('<call id="1" to="m">p</call><call id="2" to="m">q</call><call id="3" to="a">r</call>'
+            '<call id="4" to="m">{1}x</call><call id="5" to="m">{2}y</call>')
+    assert seen == [["p", "q"], ["Px", "Qy"]]
+
+
+def test_answer_ends_episode_and_budgets():
+    ep = Episode(TASK, _pool())
+    assert ep.step('<answer>a b</answer>') is None and ep.done and ep.result().success
+    ep = Episode(TASK, _pool(), EnvConfig(max_turns=2))
+    ep.step("nothing here")
+    assert ep.step('<call id="1" to="a">x</call>') is None and ep.done
+    r = ep.result()
+    assert r.answer is None and not r.success and r.parse_errors == 1 and r.outside_turns == 1
+    ep = Episode(TASK, _pool(), EnvConfig(time_budget=1.5))
+    assert ep.step('<call id="1" to="b">x</call>') is None and ep.done
+
+
+def test_redundant_calls():
+    ep = Episode(TASK, _pool())
+    ep.step('<call id="1" to="a">x</call><call id="2" to="a">x</call><call id="3" to="b">x</call>')
+    ep.step('<call id="4" to="a">x</call><call id="5" to="a">fail</call>')
+    ep.step('<call id="6" to="a">fail</call><answer>A B</answer>')
+    r = ep.result()
+    # 2 duplicates 1 in-turn; 4 repeats an OK call; 3 is another callee; 6 never runs (answer turn)
+    assert r.redundant_calls == 2 and r.parse_errors == 1 and r.rounds == 2
+
+
+def test_reward_terms_hand_computed():
+    c = RewardConfig()
+    r = EpisodeResult("q", "7", "7", True, rounds=3, turns=4, min_rounds=2, latency=2.0, cost=0.01,
+                      calls=3, parse_errors=2, exec_errors=0, timeouts=0, redundant_calls=1,
+                      outside_turns=1, tokens=100, protocol_ok=False, decomposition=["x"],
+                      composition="c", difficulty=3)
+    t = episode_rewards(r, c)
+    assert t["success"] == 1.0
+    assert t["protocol"] == pytest.approx(-(0.1 * 2 + 0.05 * 1))
+    assert t["redundancy"] == pytest.approx(-0.05)
+    assert t["rounds"] == pytest.approx(-0.05)
+    assert t["tokens"] == pytest.approx(-0.05)
+    assert t["cost"] == pytest.approx(-0.01)
+    assert t["latency"] == pytest.approx(-0.02)
+    r.answer, r.success = None, False
+    assert episode_rewards(r, c)["protocol"] == pytest.approx(-(0.2 + 0.5 + 0.05))
+
+
+def test_group_diversity_term():
+    def res(dec, success=True):
+        return EpisodeResult("q", "1", "1", success, 1, 2, 1, 0.0, 0.0, 1, 0, 0, 0, 0, 0, 0, True, dec, "c", 1)
+    group = [res(["a"]), res(["a"]), res(["b"]), res(["c"], success=False)]
+    terms = group_rewards(group, RewardConfig(w_group_diversity=0.3))
+    # G=4; "a" shared by 2 -> 0.3 * (1 - 1/3); "b" unique -> 0.3; "c" failed -> 0
+    assert [t["diversity"] for t in terms] == pytest.approx([0.2, 0.2, 0.3, 0.0])
+    assert group[2].reward == pytest.approx(sum(terms[2].values()))
+
+
+@pytest.mark.parametrize("pred, gold, ok", [("1,234", "1234", True), ("1234.0", "1234", True),
+                                            (" Velora. ", "velora", True), ("True", "yes", True),
+                                            ("1235", "1234", False), (None, "1", False), ("abc", "abd", False)])
+def test_answers_match(pred, gold, ok):
+    assert answers_match(pred, gold) == ok
+
+
+def _run(policy, split="heldout", n=200, failure_rate=0.0, pool="seen"):
+    world = world_for_split(split)
+    results = []
+    for i, task in enumerate(make_tasks(split, n, 0, world)):
+        p = load_pool(pool, world, random.Random(i))
+        ep = Episode(task, p, EnvConfig(failure_rate=failure_rate), seed=i)
+        results.append(play(ep, scripted_policy(policy, task, i)))
+    return results
+
+
+def test_oracle_success_and_recovery():
+    assert sum(r.success for r in _run("oracle")) / 200 >= 0.99
+    rs = _run("oracle", failure_rate=0.2)
+    assert sum(r.success for r in rs) / 200 >= 0.95
+    assert all(r.protocol_ok for r in rs) and sum(r.exec_errors + r.timeouts for r in rs) > 50
+
+
+def test_parallel_beats_serial_latency_on_wide_tasks():
+    from tasks import graph_width
+    wide = [t for t in make_tasks("heldout", 200, 0) if graph_width(t.subtasks) >= 3]
+    par, ser = _run("oracle"), _run("serial-oracle")
+    idx = [i for i, t in enumerate(make_tasks("heldout", 200, 0)) if graph_width(t.subtasks) >= 3]
+    assert len(wide) > 20
+    lat = lambda rs: sum(rs[i].latency for i in idx) / len(idx)
+    assert lat(par) <= 0.5 * lat(ser)
+
+
+def test_thousand_simulated_episodes_are_fast():
+    start = time.perf_counter()
+    rs = _run("oracle", n=1000)
+    assert time.perf_counter() - start < 5.0 and len(rs) == 1000
