@@ -1,0 +1,228 @@
+"""Run one episode with a readable trace, or evaluate a policy on a task set and pool.
+
+    python infer.py --trace --policy oracle --task-index 3          one generated task, as a tree
+    python infer.py --eval --policy oracle --pool seen --split heldout --n 200 --seed 0 [--json]
+    python infer.py --table --n 200                                 all scripted policies, seen and unseen pools
+    python infer.py --query "..."                                   free text: needs a trained checkpoint
+
+Design choices, and why:
+- A policy is `policy(messages) -> str` (baselines.Policy). `make_policy(name, task, seed)` is the
+  one place that turns the --policy flag into such a callable: scripted names go to baselines.py,
+  a folder goes to `checkpoint_policy`, where the model engine (policy.py) plugs in. torch is
+  never imported unless a checkpoint is used.
+- The config is one dataclass whose fields are this script's own options plus every EnvConfig
+  and RewardConfig field, so each environment knob and reward weight is a flag without a second
+  list to keep in sync.
+- POOL "seen" is the randomized training family, drawn anew for every episode (seeded);
+  "unseen" cycles through all unseen pools (pools/unseen-*.json); anything else is a pool name
+  in pools/ or a JSON file path.
+"""
+import dataclasses
+import glob
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import cli
+from baselines import SCRIPTED, Policy, scripted_policy
+from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
+from tasks import SPLITS, Task, graph_width, make_tasks, world_for_split
+from tools import POOLS_DIR, load_pool, read_pool_spec
+
+
+@dataclass
+class InferOptions:
+    eval: bool = cli.field(False, "evaluate --policy on --n tasks of --split with --pool", "mode")
+    table: bool = cli.field(False, "print the results table of all scripted policies (seen and unseen pools)", "mode")
+    trace: bool = cli.field(False, "run one generated task (--task-index) and print its trace", "mode")
+    query: str = cli.field("", "a free-text question (needs a trained checkpoint as --policy)", "mode")
+    json: bool = cli.field(False, "print JSON instead of text", "mode")
+    policy: str = cli.field("oracle", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, "
+                            "random, vote) or a checkpoint folder", "run")
+    pool: str = cli.field("seen", "seen (randomized training family), unseen (all unseen pools), "
+                          "a pool name in pools/, or a pool JSON file", "run")
+    split: str = cli.field("heldout", "task split: " + ", ".join(SPLITS), "run")
+    n: int = cli.field(200, "number of episodes to evaluate", "run")
+    task_index: int = cli.field(0, "which generated task --trace runs", "run")
+    seed: int = cli.field(0, "seed for tasks, pool draws and callee randomness", "run")
+    device: str = cli.field("auto", "cpu or cuda for checkpoint policies (auto: cuda if available)", "run")
+
+
+def _fields(cls):
+    return [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(cls)]
+
+
+InferConfig = dataclasses.make_dataclass(
+    "InferConfig", _fields(InferOptions) + _fields(EnvConfig) + _fields(RewardConfig))
+
+
+def sub_config(cls, config):
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------- policies
+
+def checkpoint_policy(path: str, device: str) -> Policy:
+    """The model policy: maps the message list to the next assistant turn."""
+    raise NotImplementedError(
+        f"{path!r} is a folder, so it would be a checkpoint policy, but checkpoint policies come "
+        "with the engine (policy.py), which is not in this tree yet. Use a scripted policy: "
+        + ", ".join(SCRIPTED) + ", or single:<callee>.")
+
+
+def make_policy(name: str, task: Task, seed, device: str = "auto") -> Policy:
+    if os.path.isdir(name):
+        return checkpoint_policy(name, device)
+    return scripted_policy(name, task, seed)
+
+
+# ---------------------------------------------------------------- pools
+
+def unseen_pool_names() -> list[str]:
+    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(POOLS_DIR, "unseen-*.json")))
+
+
+def pool_for_episode(pool: str, world, seed, index: int):
+    if pool == "unseen":
+        names = unseen_pool_names()
+        return load_pool(names[index % len(names)], world)
+    spec = read_pool_spec(pool)
+    return load_pool(spec, world, random.Random(f"pool:{seed}:{index}") if spec.get("family") else None)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
+             reward_config: RewardConfig, device: str = "auto") -> dict:
+    world = world_for_split(split)
+    results: list[EpisodeResult] = []
+    wide_latency = []
+    for i, task in enumerate(make_tasks(split, n, seed, world)):
+        episode = Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config,
+                          seed=f"{seed}:{i}")
+        results.append(play(episode, make_policy(policy, task, i, device)))
+        if graph_width(task.subtasks) >= 3:
+            wide_latency.append(results[-1].latency)
+    return summarize(results, wide_latency) | {"policy": policy, "pool": pool, "split": split, "n": n, "seed": seed}
+
+
+def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else 0.0
+    return {
+        "success": mean(r.success for r in results),
+        "protocol": mean(r.protocol_ok for r in results),
+        "rounds": mean(r.rounds for r in results),
+        "latency": mean(r.latency for r in results),
+        "latency_width3": mean(wide_latency),
+        "n_width3": len(wide_latency),
+        "cost": mean(r.cost for r in results),
+        "calls": mean(r.calls for r in results),
+        "redundant_calls": mean(r.redundant_calls for r in results),
+        "parse_errors": mean(r.parse_errors for r in results),
+        "tokens": mean(r.tokens for r in results),
+        "reward": mean(r.reward for r in results),
+        "reward_terms": {k: mean(r.rewards[k] for r in results) for k in results[0].rewards} if results else {},
+    }
+
+
+def print_summary(s: dict) -> None:
+    print(f"policy {s['policy']}  pool {s['pool']}  split {s['split']}  n {s['n']}  seed {s['seed']}")
+    print(f"success {s['success']:.3f}  protocol {s['protocol']:.3f}  rounds {s['rounds']:.2f}  "
+          f"latency {s['latency']:.2f}s (tasks with >=3 parallel subtasks: {s['latency_width3']:.2f}s, "
+          f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}")
+    print("reward terms: " + "  ".join(f"{k} {v:+.4f}" for k, v in s["reward_terms"].items()))
+
+
+TABLE_COLUMNS = ("success", "protocol", "rounds", "latency", "latency_width3", "cost", "reward")
+
+
+def table(n: int, seed: int, split: str, env_config: EnvConfig, reward_config: RewardConfig, as_json: bool) -> None:
+    rows = [evaluate(p, pool, split, n, seed, env_config, reward_config)
+            for pool in ("seen", "unseen") for p in SCRIPTED]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print(f"split {split}, n {n} per row, seed {seed}, injected failure rate {env_config.failure_rate}")
+    print("| policy | pool | " + " | ".join(TABLE_COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(TABLE_COLUMNS))
+    for r in rows:
+        cells = [f"{r[c]:.4f}" if c == "cost" else f"{r[c]:.3f}" if c in ("success", "protocol", "reward")
+                 else f"{r[c]:.2f}" for c in TABLE_COLUMNS]
+        print(f"| {r['policy']} | {r['pool']} | " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------- one episode as a tree
+
+def trace_json(episode: Episode) -> dict:
+    result = episode.result()
+    return {"question": episode.task.question, "gold": episode.task.answer,
+            "composition": episode.task.composition, "min_rounds": episode.task.min_rounds,
+            "rounds": [{"round": r.number, "elapsed": r.elapsed, "errors": r.errors,
+                        "calls": [dataclasses.asdict(c) for c in r.results]} for r in episode.rounds],
+            "answer": episode.answer, "result": result.to_json()}
+
+
+def print_trace(episode: Episode) -> None:
+    t, result = episode.task, episode.result()
+    print(f"question: {t.question}")
+    print(f"  (gold {t.answer!r}, composition {t.composition}, {t.difficulty} subtasks, min_rounds {t.min_rounds})")
+    for r in episode.rounds:
+        print(f"round {r.number}  critical path {r.elapsed:.2f}s")
+        for e in r.errors:
+            print(f"  ! PARSE_ERR {e}")
+        for k, c in enumerate(r.results):
+            branch = "└─" if k == len(r.results) - 1 else "├─"
+            after = f"  (starts at {c.start:.2f}s)" if c.start else ""
+            print(f"  {branch} [{c.id}] {c.to:<10} {c.status:<9} {c.latency:5.2f}s  cost {c.cost:.4f}  "
+                  f"{c.task!r} -> {c.text[:60]!r}{after}")
+    mark = "correct" if result.success else "wrong"
+    print(f"answer: {episode.answer!r} ({mark})  rounds {result.rounds}  latency {result.latency:.2f}s  "
+          f"cost {result.cost:.4f}  reward {result.reward:.3f}")
+
+
+def main(argv=None) -> int:
+    try:
+        return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
+    except NotImplementedError as e:   # a checkpoint policy before the engine exists
+        print(e, file=sys.stderr)
+        return 2
+
+
+def run(config) -> int:
+    cli.log_config(config)
+    env_config, reward_config = sub_config(EnvConfig, config), sub_config(RewardConfig, config)
+    if config.table:
+        table(config.n, config.seed, config.split, env_config, reward_config, config.json)
+    elif config.eval:
+        summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
+                           env_config, reward_config, config.device)
+        print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
+        if not config.json:
+            print_summary(summary)
+    elif config.query:
+        if not os.path.isdir(config.policy):
+            print("A free-text query needs a trained checkpoint: pass its folder as --policy "
+                  "(`python sft.py` will make one once the training code lands). Scripted policies "
+                  "decompose with a generated task's gold subtask graph; try "
+                  "`python infer.py --trace --policy oracle --task-index 0`.", file=sys.stderr)
+            return 2
+        checkpoint_policy(config.policy, config.device)
+    else:   # --trace, also the default
+        world = world_for_split(config.split)
+        task = make_tasks(config.split, config.task_index + 1, config.seed, world)[config.task_index]
+        episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
+                          env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
+        play(episode, make_policy(config.policy, task, config.task_index, config.device))
+        print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
+        if not config.json:
+            print_trace(episode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
