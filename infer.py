@@ -6,10 +6,12 @@
     python infer.py --query "..."                                   free text: needs a trained checkpoint
 
 Design choices, and why:
-- A policy is `policy(messages) -> str` (baselines.Policy). `make_policy(name, task, seed)` is the
-  one place that turns the --policy flag into such a callable: scripted names go to baselines.py,
-  a folder goes to `checkpoint_policy`, where the model engine (policy.py) plugs in. torch is
-  never imported unless a checkpoint is used.
+- A policy is `policy(messages) -> str` (baselines.Policy). `policy_factory(name, ...)` is the
+  one place that turns the --policy flag into such callables, one per episode: scripted names go
+  to baselines.py, a checkpoint folder to policy.ChatTurns (the engine continues each episode's
+  conversation on one branch). torch is never imported unless a checkpoint is used.
+- `--query` runs a free-text question with a checkpoint: --policy if it is a folder, else the
+  latest trained one (runs/grpo/latest, then runs/sft/latest).
 - The config is one dataclass whose fields are this script's own options plus every EnvConfig
   and RewardConfig field, so each environment knob and reward weight is a flag without a second
   list to keep in sync.
@@ -48,6 +50,8 @@ class InferOptions:
     task_index: int = cli.field(0, "which generated task --trace runs", "run")
     seed: int = cli.field(0, "seed for tasks, pool draws and callee randomness", "run")
     device: str = cli.field("auto", "cpu or cuda for checkpoint policies (auto: cuda if available)", "run")
+    temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
+    max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
 
 
 def _fields(cls):
@@ -65,18 +69,38 @@ def sub_config(cls, config):
 
 # ---------------------------------------------------------------- policies
 
-def checkpoint_policy(path: str, device: str) -> Policy:
-    """The model policy: maps the message list to the next assistant turn."""
-    raise NotImplementedError(
-        f"{path!r} is a folder, so it would be a checkpoint policy, but checkpoint policies come "
-        "with the engine (policy.py), which is not in this tree yet. Use a scripted policy: "
-        + ", ".join(SCRIPTED) + ", or single:<callee>.")
+def resolve_device(device: str) -> str:
+    import torch
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def make_policy(name: str, task: Task, seed, device: str = "auto") -> Policy:
-    if os.path.isdir(name):
-        return checkpoint_policy(name, device)
-    return scripted_policy(name, task, seed)
+def latest_checkpoint(runs_dir: str = "runs") -> str | None:
+    """The newest finished checkpoint: runs/grpo/latest, else runs/sft/latest (a symlink or a
+    text file holding the folder's path)."""
+    for stage in ("grpo", "sft"):
+        latest = os.path.join(runs_dir, stage, "latest")
+        if os.path.islink(latest) or os.path.isdir(latest):
+            return os.path.realpath(latest)
+        if os.path.isfile(latest):
+            target = open(latest).read().strip()
+            return target if os.path.isabs(target) else os.path.join(runs_dir, stage, target)
+    return None
+
+
+def policy_factory(name: str, device: str = "auto", temperature: float = 0.0,
+                   max_new_tokens: int = 256, seed: int = 0):
+    """`make(task, index) -> Policy`, a fresh policy per episode. A folder is a checkpoint: it is
+    loaded once, and each episode gets a ChatTurns that continues its conversation on one
+    engine branch (the prompt's KV computed once per episode)."""
+    if not os.path.isdir(name):
+        return lambda task, index: scripted_policy(name, task, index)
+    import torch
+    from policy import ChatTurns, Policy as ModelPolicy
+    device = resolve_device(device)
+    model = ModelPolicy.load(name, device=device)
+    params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
+    generator = torch.Generator(device).manual_seed(seed)
+    return lambda task, index: ChatTurns(model, params, generator=generator)
 
 
 # ---------------------------------------------------------------- pools
@@ -96,14 +120,16 @@ def pool_for_episode(pool: str, world, seed, index: int):
 # ---------------------------------------------------------------- evaluation
 
 def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
-             reward_config: RewardConfig, device: str = "auto") -> dict:
+             reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
+             max_new_tokens: int = 256) -> dict:
     world = world_for_split(split)
+    make_policy = policy_factory(policy, device, temperature, max_new_tokens, seed)
     results: list[EpisodeResult] = []
     wide_latency = []
     for i, task in enumerate(make_tasks(split, n, seed, world)):
         episode = Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config,
                           seed=f"{seed}:{i}")
-        results.append(play(episode, make_policy(policy, task, i, device)))
+        results.append(play(episode, make_policy(task, i)))
         if graph_width(task.subtasks) >= 3:
             wide_latency.append(results[-1].latency)
     return summarize(results, wide_latency) | {"policy": policy, "pool": pool, "split": split, "n": n, "seed": seed}
@@ -180,17 +206,23 @@ def print_trace(episode: Episode) -> None:
             after = f"  (starts at {c.start:.2f}s)" if c.start else ""
             print(f"  {branch} [{c.id}] {c.to:<10} {c.status:<9} {c.latency:5.2f}s  cost {c.cost:.4f}  "
                   f"{c.task!r} -> {c.text[:60]!r}{after}")
-    mark = "correct" if result.success else "wrong"
+    mark = ("correct" if result.success else "wrong") if t.answer else "no gold answer"
     print(f"answer: {episode.answer!r} ({mark})  rounds {result.rounds}  latency {result.latency:.2f}s  "
           f"cost {result.cost:.4f}  reward {result.reward:.3f}")
 
 
 def main(argv=None) -> int:
-    try:
-        return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
-    except NotImplementedError as e:   # a checkpoint policy before the engine exists
-        print(e, file=sys.stderr)
-        return 2
+    return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
+
+
+def run_episode(config, task: Task, world, env_config, reward_config, make_policy) -> int:
+    episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
+                      env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
+    play(episode, make_policy(task, config.task_index))
+    print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
+    if not config.json:
+        print_trace(episode)
+    return 0
 
 
 def run(config) -> int:
@@ -200,27 +232,29 @@ def run(config) -> int:
         table(config.n, config.seed, config.split, env_config, reward_config, config.json)
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
-                           env_config, reward_config, config.device)
+                           env_config, reward_config, config.device, config.temperature, config.max_new_tokens)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)
     elif config.query:
-        if not os.path.isdir(config.policy):
-            print("A free-text query needs a trained checkpoint: pass its folder as --policy "
-                  "(`python sft.py` will make one once the training code lands). Scripted policies "
-                  "decompose with a generated task's gold subtask graph; try "
-                  "`python infer.py --trace --policy oracle --task-index 0`.", file=sys.stderr)
+        checkpoint = config.policy if os.path.isdir(config.policy) else latest_checkpoint()
+        if checkpoint is None:
+            train_hint = "`python sft.py`" if os.path.exists(os.path.join(os.path.dirname(__file__), "sft.py")) \
+                else "the SFT stage (sft.py, not in this tree yet)"
+            print("A free-text query needs a trained checkpoint, and none was found (looked at "
+                  "--policy, runs/grpo/latest, runs/sft/latest). Train one with " + train_hint + ", or "
+                  "pass a checkpoint folder as --policy. Scripted policies need a generated task's "
+                  "subtask graph: try `python infer.py --trace --policy oracle --task-index 0`.", file=sys.stderr)
             return 2
-        checkpoint_policy(config.policy, config.device)
+        world = world_for_split(config.split)
+        task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
+        make_policy = policy_factory(checkpoint, config.device, config.temperature, config.max_new_tokens, config.seed)
+        return run_episode(config, task, world, env_config, reward_config, make_policy)
     else:   # --trace, also the default
         world = world_for_split(config.split)
         task = make_tasks(config.split, config.task_index + 1, config.seed, world)[config.task_index]
-        episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
-                          env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
-        play(episode, make_policy(config.policy, task, config.task_index, config.device))
-        print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
-        if not config.json:
-            print_trace(episode)
+        make_policy = policy_factory(config.policy, config.device, config.temperature, config.max_new_tokens, config.seed)
+        return run_episode(config, task, world, env_config, reward_config, make_policy)
     return 0
 
 

@@ -291,9 +291,12 @@ class Policy:
     def engine(self, conversations: list[list[dict]], branches: int | list[int] = 1,
                max_suffix_len: int = 512) -> Engine:
         """An engine whose prefix groups are these conversations, each ending in an open
-        assistant turn."""
+        assistant turn. The suffix room is capped by the model's context length."""
         prompts = [self.tokenizer.encode_chat(m) for m in conversations]
-        return Engine(self.model, prompts, branches, max_suffix_len, decode=self.tokenizer.decode)
+        room = self.model.config.max_position_embeddings - max(map(len, prompts))
+        if room < 2:
+            raise ValueError(f"prompt of {max(map(len, prompts))} tokens fills the model's context")
+        return Engine(self.model, prompts, branches, min(max_suffix_len, room), decode=self.tokenizer.decode)
 
     def chat_params(self, temperature=0.0, top_p=1.0, max_new_tokens=256) -> SamplingParams:
         """Sampling that ends an assistant turn at the chat's end-of-turn token(s)."""
@@ -309,6 +312,17 @@ class Policy:
         """What follows a finished assistant turn (whose end token is pending) to open the next."""
         return self.tokenizer.encode("\n" + self.tokenizer.render_chat([{"role": "user", "content": user_text}]))
 
+    def answer_batch(self, system_prompt: str, tasks: list[str], max_new_tokens: int = 64) -> list[str]:
+        """Greedy replies to several user messages under one system prompt, as parallel
+        branches of one shared prefix (the local LLM agent's round of subtasks)."""
+        render = self.tokenizer.render_chat
+        prefix = self.tokenizer.encode(render([{"role": "system", "content": system_prompt}], False))
+        questions = [self.tokenizer.encode(render([{"role": "user", "content": t}])) for t in tasks]
+        engine = Engine(self.model, [prefix], len(tasks), max(map(len, questions)) + max_new_tokens + 1,
+                        decode=self.tokenizer.decode)
+        engine.append(dict(enumerate(questions)))
+        return [self.reply_text(c) for c in engine.generate(self.chat_params(0.0, max_new_tokens=max_new_tokens))]
+
     def chat(self, conversations: list[list[dict]], n: int = 1, params: SamplingParams | None = None,
              generator=None) -> list[list[str]]:
         """One assistant reply per branch: n replies for each conversation."""
@@ -316,3 +330,35 @@ class Policy:
         done = engine.generate(params or self.chat_params(), generator=generator)
         texts = [self.reply_text(c) for c in done]
         return [texts[i * n: (i + 1) * n] for i in range(len(conversations))]
+
+
+class ChatTurns:
+    """A `policy(messages) -> assistant text` callable that continues one conversation.
+
+    Each turn of an episode extends the previous conversation by our own reply and a new user
+    message (the environment's state). Instead of re-encoding the whole conversation, the new
+    message is appended to the same engine branch, so the prompt's KV is computed once per
+    episode and the reply tokens stay exactly the ones the model generated. Any other message
+    list starts a new conversation.
+    """
+
+    def __init__(self, policy: Policy, params: SamplingParams, max_suffix_len: int = 2048, generator=None):
+        self.policy, self.params, self.generator = policy, params, generator
+        self.max_suffix_len = max_suffix_len
+        self.engine, self.seen, self.last_stop = None, [], None
+        self.last_token_count = 0
+
+    def __call__(self, messages: list[dict]) -> str:
+        new = messages[len(self.seen):]
+        if self.engine is not None and messages[: len(self.seen)] == self.seen and new \
+                and all(m["role"] != "assistant" for m in new):
+            tokens = [] if self.last_stop == "stop_token" else [self.policy.tokenizer.im_end_id]
+            tokens += self.policy.tokenizer.encode("\n" + self.policy.tokenizer.render_chat(new))
+            self.engine.append({0: tokens})
+        else:
+            self.engine = self.policy.engine([messages], 1, self.max_suffix_len)
+        completion = self.engine.generate(self.params, generator=self.generator)[0]
+        text = self.policy.reply_text(completion)
+        self.seen = list(messages) + [{"role": "assistant", "content": text}]
+        self.last_stop, self.last_token_count = completion.stop_reason, len(completion.token_ids)
+        return text

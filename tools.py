@@ -436,8 +436,45 @@ class HttpAgent(Callee):
 
 # ---------------------------------------------------------------- pools
 
+
+
+@dataclass
+@dataclass
+class LocalLLMAgent(Callee):
+    """A checkpoint run by our engine (policy.py), answering a round's subtasks together.
+
+    The calls that reach it at the same moment become parallel branches of ONE prefix: the
+    system prompt is prefilled once, each task is appended to its own branch, and all branches
+    decode in the same steps. The model loads on first use (torch is imported only then).
+    Latency is the measured wall time of the batch.
+    """
+    checkpoint: str = ""
+    system_prompt: str = "You are a helpful assistant. Answer with the result only, as briefly as possible."
+    max_new_tokens: int = 64
+    device: str = "cpu"
+    virtual_clock: ClassVar[bool] = False
+    batch: ClassVar[bool] = True
+
+    def run(self, task, rng, timeout):
+        return self.run_batch([task], [rng], timeout)[0]
+
+    def run_batch(self, tasks, rngs, timeout):
+        from policy import Policy  # deferred: pools without a local model never import torch
+        if getattr(self, "_policy", None) is None:
+            self._policy = Policy.load(self.checkpoint, device=self.device)
+        start = time.perf_counter()
+        try:
+            replies = self._policy.answer_batch(self.system_prompt, tasks, self.max_new_tokens)
+        except Exception as e:  # a failing model is a failed call, not a crashed episode
+            return [Reply(EXEC_ERR, f"{type(e).__name__}: {e}"[:200], time.perf_counter() - start, self.cost)
+                    for _ in tasks]
+        latency = time.perf_counter() - start
+        status = TIMEOUT if latency > timeout else OK
+        return [Reply(status, text.strip() if status == OK else "", latency, self.cost) for text in replies]
+
+
 CALLEE_TYPES = {"kb": KnowledgeBase, "calc": Calculator, "text": TextTool, "python": PythonRunner,
-                "sim_agent": SimAgent, "http": HttpAgent}
+                "sim_agent": SimAgent, "http": HttpAgent, "local_llm": LocalLLMAgent}
 POOLS_DIR = os.path.join(PROJECT_ROOT, "pools")
 
 
