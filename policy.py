@@ -157,42 +157,61 @@ class Engine:
         """
         A, T = ids.shape
         start = self.suffix_len[rows]  # suffix slot of each row's first new token
-        if int((start + n_real).max()) > self.max_suffix_len:
+        used = int((start + n_real).max())  # suffix slots any row can see after this pass
+        if used > self.max_suffix_len:
             raise RuntimeError(f"a branch would exceed max_suffix_len={self.max_suffix_len}")
         offsets = torch.arange(T, device=self.device)
-        slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
         group = self.group_of[rows]
         positions = self.prefix_len[group][:, None] + start[:, None] + offsets
-        all_rows = A == self.num_branches and bool((rows == torch.arange(A, device=self.device)).all())
-        # Fold each group's rows into one query axis: slot_in_group = rank of the row in its group.
+        r0 = int(rows[0])
+        contiguous = bool((rows == r0 + torch.arange(A, device=self.device)).all())
+        if contiguous and bool((start == start[0]).all() & (n_real == T).all()):
+            s0 = int(start[0])  # lockstep rows (the usual decode step): one strided copy
+            write = (slice(r0, r0 + A), slice(None), slice(s0, s0 + T))
+            kv_layout = lambda x: x.transpose(1, 2)  # noqa: E731
+        else:  # padding tokens go to the spare slot past max_suffix_len
+            slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
+            write = (rows[:, None], slice(None), slots)
+            kv_layout = lambda x: x  # noqa: E731
+        read = (slice(r0, r0 + A) if contiguous else rows, slice(None), slice(0, used))
+        # Fold each group's rows into one query axis per kv head (slot = the row's rank in its group).
         groups, group_idx = torch.unique(group, return_inverse=True)
+        counts = torch.bincount(group_idx)
+        R = int(counts.max())
+        sorted_uniform = bool((group_idx[1:] >= group_idx[:-1]).all()) and A == len(groups) * R
+        if not sorted_uniform:
+            order = torch.argsort(group_idx, stable=True)
+            slot_in_group = torch.empty_like(group_idx)
+            slot_in_group[order] = torch.arange(A, device=self.device) - (torch.cumsum(counts, 0) - counts)[group_idx[order]]
         all_groups = len(groups) == self.prefix_k.shape[1]
-        order = torch.argsort(group_idx, stable=True)
-        first = torch.searchsorted(group_idx[order], group_idx[order])  # first index of each group
-        slot_in_group = torch.empty_like(group_idx)
-        slot_in_group[order] = torch.arange(A, device=self.device) - first
-        R = int(slot_in_group.max()) + 1
-        H, rep, D = self.n_kv_heads, self.q_per_kv, self.head_dim
+        NG, H, rep, D = len(groups), self.n_kv_heads, self.q_per_kv, self.head_dim
 
         def attention(layer, q, k, v):  # q [A, T, Hq, D]; k, v [A, T, Hkv, D]
-            self.suffix_k[layer][rows[:, None], :, slots] = k
-            self.suffix_v[layer][rows[:, None], :, slots] = v
-            # Prefix part: [G', Hkv, R*T*rep, D] queries against one copy of each prompt's KV.
-            folded = q.new_zeros(len(groups), R, H, T, rep, D)
-            folded[group_idx, slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
-            folded = folded.permute(0, 2, 1, 3, 4, 5).reshape(len(groups), H, R * T * rep, D)
+            self.suffix_k[layer][write] = kv_layout(k)
+            self.suffix_v[layer][write] = kv_layout(v)
+            # Prefix part: [NG, Hkv, R*T*rep, D] queries against one copy of each prompt's KV.
+            if sorted_uniform:  # every group has R rows, in order: folding is a reshape
+                folded = q.view(NG, R, T, H, rep, D).permute(0, 3, 1, 2, 4, 5)
+            else:
+                folded = q.new_zeros(NG, R, H, T, rep, D)
+                folded[group_idx, slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
+                folded = folded.permute(0, 2, 1, 3, 4, 5)
+            folded = folded.reshape(NG, H, R * T * rep, D)
             pk, pv = self.prefix_k[layer], self.prefix_v[layer]
             if not all_groups:
                 pk, pv = pk[groups], pv[groups]
             out1, lse1 = kernels.prefix_attention(folded, pk, pv, self.prefix_len[groups], self.scale)
-            out1 = out1.view(len(groups), H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)[group_idx, slot_in_group]
-            lse1 = lse1.view(len(groups), H, R, T, rep).permute(0, 2, 1, 4, 3)[group_idx, slot_in_group]
-            # Suffix part, merged into the prefix part by log-sum-exp in one op.
-            sk, sv = (self.suffix_k[layer], self.suffix_v[layer]) if all_rows else \
-                (self.suffix_k[layer][rows], self.suffix_v[layer][rows])
+            out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)
+            lse1 = lse1.view(NG, H, R, T, rep).permute(0, 2, 1, 4, 3)
+            if sorted_uniform:
+                out1, lse1 = out1.reshape(A, H * rep, T, D), lse1.reshape(A, H * rep, T)
+            else:
+                out1 = out1[group_idx, slot_in_group].reshape(A, H * rep, T, D)
+                lse1 = lse1[group_idx, slot_in_group].reshape(A, H * rep, T)
+            # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
             out, _ = kernels.suffix_merge_attention(
-                q.transpose(1, 2).contiguous(), sk, sv, start, self.scale,
-                out1.reshape(A, H * rep, T, D).contiguous(), lse1.reshape(A, H * rep, T).contiguous())
+                q.transpose(1, 2).contiguous(), self.suffix_k[layer][read], self.suffix_v[layer][read],
+                start, self.scale, out1.contiguous(), lse1.contiguous())
             return out.transpose(1, 2)
 
         hidden = self.model.hidden_states(ids, positions, attention)

@@ -26,17 +26,21 @@ import torch
 def _masked_attention(q, k, v, valid, scale):
     """softmax(q k^T * scale) v over the keys where `valid` is True, plus the row LSE.
 
-    q [..., M, D], k/v [..., S, D], valid broadcastable to [..., M, S]. fp32 in, fp32 out.
+    q [..., M, D], k/v [..., S, D], valid broadcastable to [..., M, S] (None: all keys valid).
+    fp32 in, fp32 out.
     """
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no key: avoid -inf - -inf
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v) / torch.where(l > 0, l, torch.ones_like(l))
-    lse = (m + torch.log(l)).squeeze(-1)  # log(0) = -inf for rows with no key
-    return out, lse
+    s = torch.matmul(q * scale, k.transpose(-1, -2))  # scale the (few) queries, not the scores
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(dim=-1)
+    p = torch.softmax(s, dim=-1)  # one fused pass: faster on CPU than exp + sum by hand
+    # The largest probability is exp(m - lse), so lse = m - log(max p): no second exp pass.
+    lse = m - torch.log(p.amax(dim=-1))
+    if valid is not None:  # a row with no key: softmax gives NaN; we want out = 0, lse = -inf
+        empty = torch.isinf(m)
+        p = p.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return torch.matmul(p, v), lse
 
 
 def prefix_attention(q, k, v, prefix_lens, scale):
@@ -49,6 +53,8 @@ def prefix_attention(q, k, v, prefix_lens, scale):
     assert prefix_lens.shape == (NG,), prefix_lens.shape
     pos = torch.arange(k.shape[2], device=q.device)
     valid = (pos[None, :] < prefix_lens.to(q.device)[:, None])[:, None, None, :]  # [NG,1,1,P]
+    if bool(valid.all()):  # unpadded prefixes (the common case): skip the masking pass
+        valid = None
     out, lse = _masked_attention(q.float(), k.float(), v.float(), valid, scale)
     return out.to(q.dtype), lse
 
@@ -91,7 +97,29 @@ def suffix_merge_attention(q, k, v, q_start, scale, out1, lse1):
     """suffix_attention merged into a partial result (out1, lse1) -> (out, lse): the fused op.
 
     out1 [N, Hq, Tq, D] and lse1 [N, Hq, Tq] are the prefix part, unfolded to q's layout. The
-    returned lse is that of the union of both key sets.
+    returned lse is that of the union of both key sets. Written as one online-softmax step
+    (the suffix's scores join the prefix's running max and sum), which is also the fewest
+    passes for the engine's CPU decode path.
     """
-    out2, lse2 = suffix_attention(q, k, v, q_start, scale)
-    return merge_attention(out1, lse1, out2, lse2), torch.logaddexp(lse1.float(), lse2)
+    N, Hq, Tq, D = q.shape
+    assert k.shape == v.shape and k.shape[0] == N and k.shape[3] == D, (q.shape, k.shape)
+    Hkv, S = k.shape[1], k.shape[2]
+    assert Hq % Hkv == 0 and q_start.shape == (N,), (Hq, Hkv, q_start.shape)
+    assert out1.shape == q.shape and lse1.shape == q.shape[:-1], (out1.shape, lse1.shape)
+    G = Hq // Hkv
+    # The G query heads of a kv head and their tokens share one matmul with that head's keys.
+    s = torch.matmul(q.float().reshape(N, Hkv, G * Tq, D) * scale, k.float().transpose(-1, -2))
+    qpos = q_start.to(q.device)[:, None] + torch.arange(Tq, device=q.device)[None, :]  # [N, Tq]
+    valid = torch.arange(S, device=q.device)[None, None, :] <= qpos[:, :, None]  # [N, Tq, S]
+    s = s.view(N, Hkv, G, Tq, S).masked_fill(~valid[:, None, None], float("-inf"))
+    l1 = lse1.float().view(N, Hkv, G, Tq)
+    m = torch.maximum(s.amax(-1), l1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both sides empty: weights 0
+    p = torch.exp(s - m[..., None])
+    w1 = torch.exp(l1 - m)
+    num = torch.matmul(p.view(N, Hkv, G * Tq, S), v.float()).view(N, Hkv, G, Tq, D)
+    # where(), not multiply: an empty prefix's out may be anything; its weight must be exactly 0.
+    num = num + torch.where(w1[..., None] > 0, out1.float().view(N, Hkv, G, Tq, D) * w1[..., None], 0.0)
+    den = p.sum(-1) + w1
+    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return out.reshape(N, Hq, Tq, D).to(q.dtype), (m + torch.log(den)).reshape(N, Hq, Tq)
