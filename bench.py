@@ -34,10 +34,11 @@ class BenchConfig:
     modes: list[str] = cli.field(["shared", "copied", "hf"], "which implementations to run", "cases")
     hf_max_prefill: int = cli.field(16384, "skip hf cases whose G*P prompt tokens exceed this (CPU time)", "cases")
     tiny_vocab: int = cli.field(2048, "vocabulary of the tiny preset (our BPE's size)", "cases")
-    repeats: int = cli.field(1, "timed repeats per case (the best is kept)", "cases")
+    repeats: int = cli.field(2, "timed repeats per case, modes interleaved (the fastest is kept)", "cases")
     device: str = cli.field("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda", "run")
     seed: int = cli.field(0, "random weights and prompts", "run")
     json: bool = cli.field(False, "print the results as JSON instead of a table", "run")
+    jsonl: str = cli.field("", "also append each row to this JSON-lines file as soon as it is measured", "run")
 
 
 def sync(device):
@@ -96,6 +97,25 @@ def run_hf(hf_model, prompt, G, new_tokens):
     return total, prefill, kv_bytes
 
 
+def measure(mode, model, hf_model, prompt, G, new_tokens) -> dict:
+    cuda = prompt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        if mode == "hf":
+            seconds, prefill, kv = run_hf(hf_model, prompt, G, new_tokens)
+            prefix_kv = None
+        else:
+            seconds, prefill, (prefix_kv, suffix_kv) = run_engine(model, prompt, G, new_tokens, mode == "shared")
+            kv = prefix_kv + suffix_kv
+    r = {"seconds": seconds, "prefill_s": prefill, "kv_mb": kv / 2**20}
+    if prefix_kv is not None:
+        r["prefix_kv_mb"] = prefix_kv / 2**20
+    if cuda:
+        r["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return r
+
+
 def decode_floor(config: M.ModelConfig, P, G, mode, dtype, limits) -> float:
     """Lower bound (s) on one decode step of G branches: max(bytes / bandwidth, FLOPs / throughput)."""
     size = torch.tensor([], dtype=dtype).element_size()
@@ -136,30 +156,27 @@ def main(argv=None):
         for P in cfg.prefix_lens:
             prompt = torch.randint(0, config.vocab_size, (P,), device=cfg.device)
             for G in cfg.branches:
-                for mode in cfg.modes:
-                    if mode == "hf" and (hf_model is None or G * P > cfg.hf_max_prefill):
-                        continue
-                    best = None
-                    for _ in range(cfg.repeats):
-                        if torch.device(cfg.device).type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        with torch.no_grad():
-                            result = run_hf(hf_model, prompt, G, cfg.new_tokens) if mode == "hf" else \
-                                run_engine(model, prompt, G, cfg.new_tokens, mode == "shared")
-                        best = result if best is None or result[0] < best[0] else best
-                    total, prefill, kv_bytes = best
+                modes = [m for m in cfg.modes if m != "hf" or (hf_model is not None and G * P <= cfg.hf_max_prefill)]
+                best = {}
+                for _ in range(cfg.repeats):  # modes interleaved, so machine noise hits them alike
+                    for mode in modes:
+                        result = measure(mode, model, hf_model, prompt, G, cfg.new_tokens)
+                        if mode not in best or result["seconds"] < best[mode]["seconds"]:
+                            best[mode] = result
+                for mode, r in best.items():
                     tokens = G * cfg.new_tokens
-                    row = {"preset": preset, "P": P, "G": G, "mode": mode,
-                           "e2e_tok_s": tokens / total, "decode_tok_s": tokens / max(total - prefill, 1e-9),
-                           "seconds": total, "prefill_s": prefill, "kv_mb": kv_bytes / 2**20}
+                    row = {"preset": preset, "P": P, "G": G, "mode": mode, **r,
+                           "e2e_tok_s": tokens / r["seconds"],
+                           "decode_tok_s": tokens / max(r["seconds"] - r["prefill_s"], 1e-9)}
                     if mode != "hf":
-                        step = (total - prefill) / cfg.new_tokens
+                        step = (r["seconds"] - r["prefill_s"]) / cfg.new_tokens
                         row["floor_frac"] = decode_floor(config, P, G, mode, dtype, limits) / step
-                    if torch.device(cfg.device).type == "cuda":
-                        row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                     rows.append(row)
+                    if cfg.jsonl:
+                        with open(cfg.jsonl, "a") as f:
+                            f.write(json.dumps({"machine": limits, "device": cfg.device, **row}) + "\n")
                     print(f"{preset} P={P} G={G} {mode}: {row['e2e_tok_s']:.1f} tok/s e2e, "
-                          f"{row['decode_tok_s']:.1f} decode, {total:.1f}s", file=sys.stderr)
+                          f"{row['decode_tok_s']:.1f} decode, {r['seconds']:.1f}s", file=sys.stderr)
         del model, hf_model
     add_ratios(rows)
     if cfg.json:
@@ -180,6 +197,8 @@ def add_ratios(rows):
                 r[f"e2e_x_{other}"] = r["e2e_tok_s"] / o["e2e_tok_s"]
                 r[f"decode_x_{other}"] = r["decode_tok_s"] / o["decode_tok_s"]
                 r[f"kv_frac_{other}"] = r["kv_mb"] / o["kv_mb"]
+                if "prefix_kv_mb" in o:
+                    r[f"prefix_kv_frac_{other}"] = r["prefix_kv_mb"] / o["prefix_kv_mb"]
 
 
 def print_table(rows, limits, device):
@@ -187,7 +206,8 @@ def print_table(rows, limits, device):
           f"matmul {limits['matmul_gflop_s']} GFLOP/s")
     cols = [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("mode", "{}"), ("e2e_tok_s", "{:.1f}"),
             ("decode_tok_s", "{:.1f}"), ("kv_mb", "{:.1f}"), ("peak_mb", "{:.0f}"), ("floor_frac", "{:.2f}"),
-            ("e2e_x_hf", "{:.2f}"), ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}")]
+            ("e2e_x_hf", "{:.2f}"), ("decode_x_hf", "{:.2f}"), ("e2e_x_copied", "{:.2f}"),
+            ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}"), ("prefix_kv_frac_copied", "{:.3f}")]
     cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
     print("| " + " | ".join(k for k, _ in cols) + " |")
     print("|" + "---|" * len(cols))

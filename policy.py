@@ -117,8 +117,10 @@ class Engine:
     def num_branches(self) -> int:
         return len(self.tokens)
 
-    def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.suffix_k, self.suffix_v))
+    def kv_cache_bytes(self) -> tuple[int, int]:
+        """Bytes allocated for the (prefix, suffix) KV caches."""
+        size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return size(self.prefix_k, self.prefix_v), size(self.suffix_k, self.suffix_v)
 
     # -- prefill ---------------------------------------------------------------------------------
 

@@ -10,14 +10,20 @@ import model as M
 from policy import Engine, SamplingParams, sample_tokens, token_logprobs
 
 VOCAB = 64
+# On a GPU machine the engine also runs on CUDA (Triton kernels, fp32) against the same reference.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=DEVICES)
+def tiny(request):
     config = M.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     # A large init std makes the logits peaked, so greedy argmaxes are far from ties.
-    return M.init_weights(M.Transformer(config), seed=0, std=0.3).eval()
+    return M.init_weights(M.Transformer(config), seed=0, std=0.3).to(request.param).eval()
+
+
+def device_of(model):
+    return model.model.embed_tokens.weight.device
 
 
 def greedy_alone(model, ids, n):
@@ -25,7 +31,7 @@ def greedy_alone(model, ids, n):
     out = []
     with torch.no_grad():
         for _ in range(n):
-            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            t = int(model(torch.tensor([ids], device=device_of(model)))[0, -1].argmax())
             out.append(t)
             ids.append(t)
     return out
@@ -63,19 +69,19 @@ def test_first_token_comes_from_the_shared_prompt(tiny):
 
 def test_generation_logprobs_match_teacher_forcing(tiny):
     engine = Engine(tiny, PROMPTS, branches=2, max_suffix_len=32)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device_of(tiny)).manual_seed(0)
     out = engine.generate(SamplingParams(temperature=1.0, max_new_tokens=8), generator=gen)
     for c in out:
-        ids = torch.tensor([PROMPTS[c.branch // 2] + c.token_ids])
+        ids = torch.tensor([PROMPTS[c.branch // 2] + c.token_ids], device=device_of(tiny))
         with torch.no_grad():
             ref = token_logprobs(tiny, ids)[0, -len(c.token_ids):]
-        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4), c.branch
+        assert torch.allclose(torch.tensor(c.logprobs), ref.cpu(), atol=1e-4), c.branch
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny):
     def run(seed):
         engine = Engine(tiny, PROMPTS, branches=4, max_suffix_len=32)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device_of(tiny)).manual_seed(seed)
         return [c.token_ids for c in engine.generate(SamplingParams(1.0, 0.9, 10), generator=gen)]
     assert run(7) == run(7)
     assert run(7) != run(8)
