@@ -138,7 +138,7 @@ PRESETS = {
     # ~3.5M parameters with a 2k vocabulary: trains in minutes on 2 CPU cores.
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=4096),
+                 max_position_embeddings=8192),
     # ~25M parameters: the next step up when a GPU is available.
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
