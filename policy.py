@@ -187,6 +187,8 @@ class Engine:
             slot_in_group[order] = torch.arange(A, device=self.device) - (torch.cumsum(counts, 0) - counts)[group_idx[order]]
         all_groups = len(groups) == self.prefix_k.shape[1]
         NG, H, rep, D = len(groups), self.n_kv_heads, self.q_per_kv, self.head_dim
+        prefix_len = self.prefix_len[groups].to(torch.int32)  # once per pass, not per layer
+        start32 = start.to(torch.int32)
 
         def attention(layer, q, k, v):  # q [A, T, Hq, D]; k, v [A, T, Hkv, D]
             self.suffix_k[layer][write] = kv_layout(k)
@@ -202,7 +204,7 @@ class Engine:
             pk, pv = self.prefix_k[layer], self.prefix_v[layer]
             if not all_groups:
                 pk, pv = pk[groups], pv[groups]
-            out1, lse1 = kernels.prefix_attention(folded, pk, pv, self.prefix_len[groups], self.scale)
+            out1, lse1 = kernels.prefix_attention(folded, pk, pv, prefix_len, self.scale)
             out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)
             lse1 = lse1.view(NG, H, R, T, rep).permute(0, 2, 1, 4, 3)
             if sorted_uniform:
@@ -212,8 +214,8 @@ class Engine:
                 lse1 = lse1[group_idx, slot_in_group].reshape(A, H * rep, T)
             # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
             out, _ = kernels.suffix_merge_attention(
-                q.transpose(1, 2).contiguous(), self.suffix_k[layer][read], self.suffix_v[layer][read],
-                start, self.scale, out1.contiguous(), lse1.contiguous())
+                q.transpose(1, 2), self.suffix_k[layer][read], self.suffix_v[layer][read],
+                start32, self.scale, out1.contiguous(), lse1.contiguous())
             return out.transpose(1, 2)
 
         hidden = self.model.hidden_states(ids, positions, attention)
@@ -246,7 +248,7 @@ class Engine:
     def generate(self, params: SamplingParams, branches=None, generator=None) -> list[Completion]:
         """Decode the given branches (default: all) until each hits a stop condition."""
         branches = list(range(self.num_branches)) if branches is None else list(branches)
-        assert all(not self.unfed[b] for b in branches), "append() to a stopped branch before decoding it"
+        self.append({b: [] for b in branches if self.unfed[b]})  # a stopped branch goes on
         if params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need the engine's `decode` function")
         stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)

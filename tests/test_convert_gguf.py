@@ -275,3 +275,24 @@ def test_smollm2_logits_match_transformers(smollm2):
     with torch.no_grad():
         diff = (smollm2["model"](ids) - ref(ids).logits).abs().max().item()
     assert diff < 1e-4, diff
+
+
+@pytest.mark.slow
+def test_smollm2_through_our_policy(smollm2):
+    """The user's path: our Tokenizer (ChatML in Python) and our engine, on the converted folder."""
+    from policy import Engine, Policy, SamplingParams
+    from tokenizer import Tokenizer
+
+    policy = Policy(smollm2["model"], Tokenizer.load(smollm2["dir"]))
+    system = {"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
+    conversation = [system] + QUESTION
+    assert policy.tokenizer.render_chat(conversation) == render_chat(smollm2["tok_cfg"], conversation)
+    reply = policy.chat([conversation], params=policy.chat_params(0.0, max_new_tokens=30))[0][0]
+    print(f"SmolLM2 chat reply: {reply!r}")
+    assert "Paris" in reply, reply
+    prompt = policy.tokenizer.encode("The capital of France is")
+    completion = Engine(policy.model, [prompt], 1, 16).generate(SamplingParams(0.0, max_new_tokens=8))[0]
+    text = policy.tokenizer.decode(completion.token_ids)
+    print(f"SmolLM2 completion: {text!r}")
+    assert text.startswith(" Paris"), text
+    assert completion.token_ids == greedy(smollm2["model"], prompt, 8)

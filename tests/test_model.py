@@ -46,6 +46,7 @@ def test_logits_match_reference(tmp_path, family):
     ids = torch.randint(0, BASE["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
+    print(f"parity {family}: max |logit diff| {diff:.1e}")  # shown with `pytest -s`
     assert diff < 1e-4, f"{family}: max |logit diff| {diff:.2e}"
 
 
