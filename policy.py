@@ -245,9 +245,14 @@ class Engine:
             self.logprobs[b] += [None] * len(t)
             self.unfed[b] = []
 
-    def generate(self, params: SamplingParams, branches=None, generator=None) -> list[Completion]:
-        """Decode the given branches (default: all) until each hits a stop condition."""
+    def generate(self, params: SamplingParams, branches=None, generator=None,
+                 max_new_tokens: dict[int, int] | None = None) -> list[Completion]:
+        """Decode the given branches (default: all) until each hits a stop condition.
+
+        `max_new_tokens` overrides `params.max_new_tokens` for the branches it names.
+        """
         branches = list(range(self.num_branches)) if branches is None else list(branches)
+        limit = {b: (max_new_tokens or {}).get(b, params.max_new_tokens) for b in branches}
         self.append({b: [] for b in branches if self.unfed[b]})  # a stopped branch goes on
         if params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need the engine's `decode` function")
@@ -270,7 +275,7 @@ class Engine:
                     done[b] = "stop_token"
                 elif tail and any(s in self.decode(new[b][-tail:]) for s in params.stop_strings):
                     done[b] = "stop_string"
-                elif len(new[b]) >= params.max_new_tokens:
+                elif len(new[b]) >= limit[b]:
                     done[b] = "length"
                 if b in done:
                     self.unfed[b] = [t]

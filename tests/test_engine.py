@@ -105,6 +105,13 @@ def test_stop_tokens_strings_and_lengths(tiny):
     assert out2.stop_reason == "stop_string" and out2.token_ids == reference[:3]
 
 
+def test_per_branch_length_limits(tiny):
+    engine = Engine(tiny, PROMPTS, branches=2, max_suffix_len=16)
+    out = engine.generate(SamplingParams(0.0, 1.0, 5), max_new_tokens={0: 2, 3: 7})
+    assert [len(c.token_ids) for c in out] == [2, 5, 5, 7]
+    assert out[3].token_ids == greedy_alone(tiny, PROMPTS[1], 7)
+
+
 def test_finished_branches_cost_nothing(tiny, monkeypatch):
     engine = Engine(tiny, [PROMPTS[0]], branches=1, max_suffix_len=32)
     reference = greedy_alone(tiny, PROMPTS[0], 4)
