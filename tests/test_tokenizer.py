@@ -55,3 +55,27 @@ def test_non_chatml_template_is_refused(tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not ChatML"):
         Tokenizer.load(tmp_path)
+
+
+def test_bpe_trained_on_the_task_world():
+    """The from-scratch tokenizer's intended corpus: episodes of the generated task world."""
+    import random
+
+    from baselines import scripted_policy
+    from env import Episode, play
+    from tasks import make_tasks, world_for_split
+    from tools import load_pool
+
+    world = world_for_split("train")
+    texts = []
+    for i, task in enumerate(make_tasks("train", 80, 0, world)):
+        episode = Episode(task, load_pool("seen", world, random.Random(i)), seed=i)
+        play(episode, scripted_policy("oracle", task, i))
+        texts.append(Tokenizer.render_chat(episode.messages, add_generation_prompt=False))
+    tok = train_tokenizer(texts[:60], vocab_size=1024)
+    held_out = "".join(texts[60:])
+    ids = tok.encode(held_out)
+    assert tok.decode(ids) == held_out
+    assert len(ids) < len(held_out) / 3, "BPE on this corpus should average over 3 characters a token"
+    call = tok.tokenizer.token_to_id("<call")
+    assert ids.count(call) == held_out.count("<call")
