@@ -22,7 +22,8 @@ The engine (`Engine`) is built for this project's hot path: G branches continuin
   RL's importance ratio needs; `token_logprobs` computes the same by teacher forcing.
 """
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,6 +50,23 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop_token" | "stop_string" | "length"
+
+
+@dataclass
+class PassPlan:
+    """Index plan of one engine pass over new suffix tokens, shared by all layers."""
+    positions: torch.Tensor       # [A, T] absolute positions (prefix length + suffix slot)
+    write: tuple                  # index of the new tokens' K/V in a layer's suffix cache
+    write_is_head_major: bool     # True: `write` is slices, the cache view is [A, Hkv, T, D]
+    read: tuple                   # the rows' suffix K/V in use after the write
+    start: torch.Tensor           # [A] int32 suffix slot of each row's first new token
+    T: int                        # new tokens per row (padded)
+    R: int                        # rows of the fullest group
+    groups: torch.Tensor          # prefix groups these rows belong to (sorted)
+    group_idx: torch.Tensor       # [A] index into `groups` of each row
+    slot_in_group: torch.Tensor | None  # [A] rank in its group; None when folding is a reshape
+    prefix_len: torch.Tensor      # [len(groups)] int32
+    all_groups: bool              # every group of the engine is present
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -119,7 +137,8 @@ class Engine:
 
     def kv_cache_bytes(self) -> tuple[int, int]:
         """Bytes allocated for the (prefix, suffix) KV caches."""
-        size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        def size(*tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
         return size(self.prefix_k, self.prefix_v), size(self.suffix_k, self.suffix_v)
 
     # -- prefill ---------------------------------------------------------------------------------
@@ -146,6 +165,8 @@ class Engine:
         hidden = self.model.hidden_states(ids, attention=attention)
         last = hidden[torch.arange(NG, device=self.device), self.prefix_len - 1]
         self.prompt_logits = F.linear(last, self.model.output_weight()).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # so prefill_seconds is the prefill's, not its launch's
         self.prefill_seconds += time.perf_counter() - t0
 
     # -- one forward pass over new suffix tokens ---------------------------------------------------
@@ -157,71 +178,75 @@ class Engine:
         Writes their K/V into the suffix cache and returns the logits at each row's last real
         token [A, V]. T = 1 is a decode step; T > 1 a chunk appended to each row's suffix.
         """
-        A, T = ids.shape
+        plan = self._plan(rows, n_real, ids.shape[1])
+        hidden = self.model.hidden_states(ids, plan.positions, partial(self._attend, plan))
+        last = hidden[torch.arange(len(rows), device=self.device), n_real - 1]
+        self.suffix_len[rows] += n_real
+        return F.linear(last, self.model.output_weight()).float()
+
+    def _plan(self, rows, n_real, T) -> PassPlan:
+        """Where one pass writes and reads the caches and how it folds queries: computed once,
+        used by every layer."""
+        A = len(rows)
         start = self.suffix_len[rows]  # suffix slot of each row's first new token
         used = int((start + n_real).max())  # suffix slots any row can see after this pass
         if used > self.max_suffix_len:
             raise RuntimeError(f"a branch would exceed max_suffix_len={self.max_suffix_len}")
         offsets = torch.arange(T, device=self.device)
         group = self.group_of[rows]
-        positions = self.prefix_len[group][:, None] + start[:, None] + offsets
         r0 = int(rows[0])
         contiguous = bool((rows == r0 + torch.arange(A, device=self.device)).all())
-        if contiguous and bool((start == start[0]).all() & (n_real == T).all()):
-            s0 = int(start[0])  # lockstep rows (the usual decode step): one strided copy
+        lockstep = contiguous and bool((start == start[0]).all() & (n_real == T).all())
+        if lockstep:  # the usual decode step: one strided copy per cache
+            s0 = int(start[0])
             write = (slice(r0, r0 + A), slice(None), slice(s0, s0 + T))
-            kv_layout = lambda x: x.transpose(1, 2)  # noqa: E731
         else:  # padding tokens go to the spare slot past max_suffix_len
             slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
             write = (rows[:, None], slice(None), slots)
-            kv_layout = lambda x: x  # noqa: E731
-        read = (slice(r0, r0 + A) if contiguous else rows, slice(None), slice(0, used))
-        # Fold each group's rows into one query axis per kv head (slot = the row's rank in its group).
         groups, group_idx = torch.unique(group, return_inverse=True)
         counts = torch.bincount(group_idx)
         R = int(counts.max())
-        sorted_uniform = bool((group_idx[1:] >= group_idx[:-1]).all()) and A == len(groups) * R
-        if not sorted_uniform:
+        slot_in_group = None  # None: every group has R rows, in order, so folding is a reshape
+        if not (bool((group_idx[1:] >= group_idx[:-1]).all()) and A == len(groups) * R):
             order = torch.argsort(group_idx, stable=True)
             slot_in_group = torch.empty_like(group_idx)
             slot_in_group[order] = torch.arange(A, device=self.device) - (torch.cumsum(counts, 0) - counts)[group_idx[order]]
-        all_groups = len(groups) == self.prefix_k.shape[1]
-        NG, H, rep, D = len(groups), self.n_kv_heads, self.q_per_kv, self.head_dim
-        prefix_len = self.prefix_len[groups].to(torch.int32)  # once per pass, not per layer
-        start32 = start.to(torch.int32)
+        return PassPlan(
+            positions=self.prefix_len[group][:, None] + start[:, None] + offsets,
+            write=write, write_is_head_major=lockstep,
+            read=(slice(r0, r0 + A) if contiguous else rows, slice(None), slice(0, used)),
+            start=start.to(torch.int32), T=T, R=R, groups=groups, group_idx=group_idx,
+            slot_in_group=slot_in_group, prefix_len=self.prefix_len[groups].to(torch.int32),
+            all_groups=len(groups) == self.prefix_k.shape[1])
 
-        def attention(layer, q, k, v):  # q [A, T, Hq, D]; k, v [A, T, Hkv, D]
-            self.suffix_k[layer][write] = kv_layout(k)
-            self.suffix_v[layer][write] = kv_layout(v)
-            # Prefix part: [NG, Hkv, R*T*rep, D] queries against one copy of each prompt's KV.
-            if sorted_uniform:  # every group has R rows, in order: folding is a reshape
-                folded = q.view(NG, R, T, H, rep, D).permute(0, 3, 1, 2, 4, 5)
-            else:
-                folded = q.new_zeros(NG, R, H, T, rep, D)
-                folded[group_idx, slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
-                folded = folded.permute(0, 2, 1, 3, 4, 5)
-            folded = folded.reshape(NG, H, R * T * rep, D)
-            pk, pv = self.prefix_k[layer], self.prefix_v[layer]
-            if not all_groups:
-                pk, pv = pk[groups], pv[groups]
-            out1, lse1 = kernels.prefix_attention(folded, pk, pv, prefix_len, self.scale)
-            out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)
-            lse1 = lse1.view(NG, H, R, T, rep).permute(0, 2, 1, 4, 3)
-            if sorted_uniform:
-                out1, lse1 = out1.reshape(A, H * rep, T, D), lse1.reshape(A, H * rep, T)
-            else:
-                out1 = out1[group_idx, slot_in_group].reshape(A, H * rep, T, D)
-                lse1 = lse1[group_idx, slot_in_group].reshape(A, H * rep, T)
-            # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
-            out, _ = kernels.suffix_merge_attention(
-                q.transpose(1, 2), self.suffix_k[layer][read], self.suffix_v[layer][read],
-                start32, self.scale, out1.contiguous(), lse1.contiguous())
-            return out.transpose(1, 2)
-
-        hidden = self.model.hidden_states(ids, positions, attention)
-        last = hidden[torch.arange(A, device=self.device), n_real - 1]
-        self.suffix_len[rows] += n_real
-        return F.linear(last, self.model.output_weight()).float()
+    def _attend(self, plan: PassPlan, layer: int, q, k, v):
+        """The model's attention for new suffix tokens: q [A, T, Hq, D]; k, v [A, T, Hkv, D]."""
+        A, T, NG, R = q.shape[0], plan.T, len(plan.groups), plan.R
+        H, rep, D = self.n_kv_heads, self.q_per_kv, self.head_dim
+        self.suffix_k[layer][plan.write] = k.transpose(1, 2) if plan.write_is_head_major else k
+        self.suffix_v[layer][plan.write] = v.transpose(1, 2) if plan.write_is_head_major else v
+        # Prefix part: [NG, Hkv, R*T*rep, D] queries against one copy of each prompt's KV.
+        if plan.slot_in_group is None:
+            folded = q.view(NG, R, T, H, rep, D).permute(0, 3, 1, 2, 4, 5)
+        else:
+            folded = q.new_zeros(NG, R, H, T, rep, D)
+            folded[plan.group_idx, plan.slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
+            folded = folded.permute(0, 2, 1, 3, 4, 5)
+        pk, pv = self.prefix_k[layer], self.prefix_v[layer]
+        if not plan.all_groups:
+            pk, pv = pk[plan.groups], pv[plan.groups]
+        out1, lse1 = kernels.prefix_attention(folded.reshape(NG, H, R * T * rep, D), pk, pv,
+                                              plan.prefix_len, self.scale)
+        out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)  # unfold: [NG, R, H, rep, T, D]
+        lse1 = lse1.view(NG, H, R, T, rep).permute(0, 2, 1, 4, 3)
+        if plan.slot_in_group is not None:
+            out1, lse1 = out1[plan.group_idx, plan.slot_in_group], lse1[plan.group_idx, plan.slot_in_group]
+        # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
+        out, _ = kernels.suffix_merge_attention(
+            q.transpose(1, 2), self.suffix_k[layer][plan.read], self.suffix_v[layer][plan.read],
+            plan.start, self.scale, out1.reshape(A, H * rep, T, D).contiguous(),
+            lse1.reshape(A, H * rep, T).contiguous())
+        return out.transpose(1, 2)
 
     # -- public API ------------------------------------------------------------------------------
 
