@@ -69,3 +69,24 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     assert infer.main(["--query", "What is 17*23?", "--policy", str(checkpoint), "--max-new-tokens", "12",
                        "--max-turns", "1", "--device", "cpu"]) == 0
     assert "question: What is 17*23?" in capsys.readouterr().out
+
+
+def test_local_agent_in_a_pool_answers_a_rounds_calls_as_one_batch(checkpoint, monkeypatch):
+    from env import Episode
+    from tasks import make_tasks, world_for_split
+    from tools import load_pool
+
+    world = world_for_split("train")
+    pool = load_pool({"name": "local", "callees": [
+        {"type": "local_llm", "name": "mini", "kind": "agent", "description": "a small local model",
+         "cost": 0.001, "latency": 1.0, "checkpoint": str(checkpoint), "max_new_tokens": 6}]}, world)
+    batches = []
+    answer_batch = Policy.answer_batch
+    monkeypatch.setattr(Policy, "answer_batch", lambda self, system, tasks, n=64:
+                        batches.append(list(tasks)) or answer_batch(self, system, tasks, n))
+    episode = Episode(make_tasks("train", 1, 0, world)[0], pool, seed=0)
+    state = episode.step('<call id="1" to="mini">17*23</call>\n<call id="2" to="mini">capital of Zarnia</call>\n'
+                         '<call id="3" to="mini">reverse {1}</call>')
+    first = next(r for r in episode.rounds[0].results if r.id == "1")
+    assert batches == [["17*23", "capital of Zarnia"], [f"reverse {first.text}"]]
+    assert state.count('status="OK"') == 3
