@@ -188,7 +188,7 @@ def trace_json(episode: Episode) -> dict:
     result = episode.result()
     return {"question": episode.task.question, "gold": episode.task.answer,
             "composition": episode.task.composition, "min_rounds": episode.task.min_rounds,
-            "rounds": [{"round": r.number, "elapsed": r.elapsed, "errors": r.errors,
+            "rounds": [{"round": r.number, "text": r.text, "elapsed": r.elapsed, "errors": r.errors,
                         "calls": [dataclasses.asdict(c) for c in r.results]} for r in episode.rounds],
             "answer": episode.answer, "result": result.to_json()}
 
@@ -199,6 +199,8 @@ def print_trace(episode: Episode) -> None:
     print(f"  (gold {t.answer!r}, composition {t.composition}, {t.difficulty} subtasks, min_rounds {t.min_rounds})")
     for r in episode.rounds:
         print(f"round {r.number}  critical path {r.elapsed:.2f}s")
+        said = " ".join(r.text.split())
+        print(f"  turn: {said[:160]!r}" + (" ..." if len(said) > 160 else ""))
         for e in r.errors:
             print(f"  ! PARSE_ERR {e}")
         for k, c in enumerate(r.results):
