@@ -196,7 +196,10 @@ def trace_json(episode: Episode) -> dict:
 def print_trace(episode: Episode) -> None:
     t, result = episode.task, episode.result()
     print(f"question: {t.question}")
-    print(f"  (gold {t.answer!r}, composition {t.composition}, {t.difficulty} subtasks, min_rounds {t.min_rounds})")
+    if t.subtasks:
+        print(f"  (gold {t.answer!r}, composition {t.composition}, {t.difficulty} subtasks, min_rounds {t.min_rounds})")
+    else:
+        print(f"  (gold {t.answer!r}; no subtask graph)" if t.answer else "  (free-text question: no gold answer)")
     for r in episode.rounds:
         print(f"round {r.number}  critical path {r.elapsed:.2f}s")
         said = " ".join(r.text.split())
