@@ -6,10 +6,11 @@
     python infer.py --query "..."                                   free text: needs a trained checkpoint
 
 Design choices, and why:
-- A policy is `policy(messages) -> str` (baselines.Policy). `policy_factory(name, ...)` is the
-  one place that turns the --policy flag into such callables, one per episode: scripted names go
-  to baselines.py, a checkpoint folder to policy.ChatTurns (the engine continues each episode's
-  conversation on one branch). torch is never imported unless a checkpoint is used.
+- `play_episodes` is the one place that turns the --policy flag into play: a scripted name is a
+  `policy(messages) -> str` from baselines.py, played one episode at a time; a checkpoint folder
+  plays a batch of episodes at once on one engine (policy.play_batch: each episode one branch,
+  state messages appended to it, identical prompts sharing one KV copy). torch is never
+  imported unless a checkpoint is used.
 - `--query` runs a free-text question with a checkpoint: --policy if it is a folder, else the
   latest trained one (runs/grpo/latest, then runs/sft/latest).
 - The config is one dataclass whose fields are this script's own options plus every EnvConfig
@@ -28,7 +29,7 @@ import sys
 from dataclasses import dataclass
 
 import cli
-from baselines import SCRIPTED, Policy, scripted_policy
+from baselines import SCRIPTED, scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
 from tasks import SPLITS, Task, graph_width, make_tasks, world_for_split
 from tools import POOLS_DIR, load_pool, read_pool_spec
@@ -52,6 +53,7 @@ class InferOptions:
     device: str = cli.field("auto", "cpu or cuda for checkpoint policies (auto: cuda if available)", "run")
     temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
     max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
+    batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine", "run")
 
 
 def _fields(cls):
@@ -87,20 +89,23 @@ def latest_checkpoint(runs_dir: str = "runs") -> str | None:
     return None
 
 
-def policy_factory(name: str, device: str = "auto", temperature: float = 0.0,
-                   max_new_tokens: int = 256, seed: int = 0):
-    """`make(task, index) -> Policy`, a fresh policy per episode. A folder is a checkpoint: it is
-    loaded once, and each episode gets a ChatTurns that continues its conversation on one
-    engine branch (the prompt's KV computed once per episode)."""
-    if not os.path.isdir(name):
-        return lambda task, index: scripted_policy(name, task, index)
+def play_episodes(policy: str, episodes: list[Episode], indices: list[int], device: str = "auto",
+                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16) -> None:
+    """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
+    them); a checkpoint folder is loaded once and plays `batch` episodes at a time on one engine
+    (policy.play_batch: all unfinished episodes decode together, identical prompts share KV)."""
+    if not os.path.isdir(policy):
+        for episode, index in zip(episodes, indices):
+            play(episode, scripted_policy(policy, episode.task, index))
+        return
     import torch
-    from policy import ChatTurns, Policy as ModelPolicy
+    from policy import Policy as ModelPolicy, play_batch
     device = resolve_device(device)
-    model = ModelPolicy.load(name, device=device)
+    model = ModelPolicy.load(policy, device=device)
     params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
     generator = torch.Generator(device).manual_seed(seed)
-    return lambda task, index: ChatTurns(model, params, generator=generator)
+    for k in range(0, len(episodes), batch):
+        play_batch(model, episodes[k:k + batch], params, generator=generator)
 
 
 # ---------------------------------------------------------------- pools
@@ -121,17 +126,14 @@ def pool_for_episode(pool: str, world, seed, index: int):
 
 def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
-             max_new_tokens: int = 256) -> dict:
+             max_new_tokens: int = 256, batch: int = 16) -> dict:
     world = world_for_split(split)
-    make_policy = policy_factory(policy, device, temperature, max_new_tokens, seed)
-    results: list[EpisodeResult] = []
-    wide_latency = []
-    for i, task in enumerate(make_tasks(split, n, seed, world)):
-        episode = Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config,
-                          seed=f"{seed}:{i}")
-        results.append(play(episode, make_policy(task, i)))
-        if graph_width(task.subtasks) >= 3:
-            wide_latency.append(results[-1].latency)
+    tasks = make_tasks(split, n, seed, world)
+    episodes = [Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config, seed=f"{seed}:{i}")
+                for i, task in enumerate(tasks)]
+    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch)
+    results: list[EpisodeResult] = [e.result() for e in episodes]
+    wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     return summarize(results, wide_latency) | {"policy": policy, "pool": pool, "split": split, "n": n, "seed": seed}
 
 
@@ -220,10 +222,11 @@ def main(argv=None) -> int:
     return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
-def run_episode(config, task: Task, world, env_config, reward_config, make_policy) -> int:
+def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:
     episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
                       env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
-    play(episode, make_policy(task, config.task_index))
+    play_episodes(policy, [episode], [config.task_index], config.device, config.temperature,
+                  config.max_new_tokens, config.seed)
     print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
     if not config.json:
         print_trace(episode)
@@ -237,7 +240,8 @@ def run(config) -> int:
         table(config.n, config.seed, config.split, env_config, reward_config, config.json)
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
-                           env_config, reward_config, config.device, config.temperature, config.max_new_tokens)
+                           env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
+                           config.batch_episodes)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)
@@ -253,13 +257,11 @@ def run(config) -> int:
             return 2
         world = world_for_split(config.split)
         task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
-        make_policy = policy_factory(checkpoint, config.device, config.temperature, config.max_new_tokens, config.seed)
-        return run_episode(config, task, world, env_config, reward_config, make_policy)
+        return run_episode(config, checkpoint, task, world, env_config, reward_config)
     else:   # --trace, also the default
         world = world_for_split(config.split)
         task = make_tasks(config.split, config.task_index + 1, config.seed, world)[config.task_index]
-        make_policy = policy_factory(config.policy, config.device, config.temperature, config.max_new_tokens, config.seed)
-        return run_episode(config, task, world, env_config, reward_config, make_policy)
+        return run_episode(config, config.policy, task, world, env_config, reward_config)
     return 0
 
 

@@ -20,6 +20,8 @@ The engine (`Engine`) is built for this project's hot path: G branches continuin
   the stop token waits ("unfed") until the branch is continued by `append`.
 - Per-token log-probs are recorded at temperature 1 (the model's distribution), the quantity
   RL's importance ratio needs; `token_logprobs` computes the same by teacher forcing.
+- `play_batch` drives whole episodes (anything with messages / step / done, such as env.Episode)
+  on one engine: episodes that open identically share one prefix group, all decode together.
 """
 import time
 from dataclasses import dataclass
@@ -361,9 +363,11 @@ class Policy:
             ids = ids[:-1]
         return self.tokenizer.decode(ids)
 
-    def next_turn_tokens(self, user_text: str) -> list[int]:
-        """What follows a finished assistant turn (whose end token is pending) to open the next."""
-        return self.tokenizer.encode("\n" + self.tokenizer.render_chat([{"role": "user", "content": user_text}]))
+    def next_turn_tokens(self, new: str | list[dict]) -> list[int]:
+        """What follows a finished assistant turn (whose end token is pending): the new user
+        message(s), then the opening of the next assistant turn."""
+        messages = [{"role": "user", "content": new}] if isinstance(new, str) else new
+        return self.tokenizer.encode("\n" + self.tokenizer.render_chat(messages))
 
     def answer_batch(self, system_prompt: str, tasks: list[str], max_new_tokens: int = 64) -> list[str]:
         """Greedy replies to several user messages under one system prompt, as parallel
@@ -385,33 +389,42 @@ class Policy:
         return [texts[i * n: (i + 1) * n] for i in range(len(conversations))]
 
 
-class ChatTurns:
-    """A `policy(messages) -> assistant text` callable that continues one conversation.
+def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffix_len: int = 2048,
+               generator=None) -> tuple[Engine, list[int]]:
+    """Drive several episodes to the end at once, one engine branch per episode.
 
-    Each turn of an episode extends the previous conversation by our own reply and a new user
-    message (the environment's state). Instead of re-encoding the whole conversation, the new
-    message is appended to the same engine branch, so the prompt's KV is computed once per
-    episode and the reply tokens stay exactly the ones the model generated. Any other message
-    list starts a new conversation.
+    An episode is anything with `messages` (the conversation so far), `step(text, n_tokens)`
+    (returns the next user message, or None when it is over) and `done` — env.Episode, without
+    this module knowing env. Episodes whose opening messages are identical (a GRPO group: G
+    samples of one task and pool) become branches of ONE prefix group, so their prompt's KV is
+    computed and stored once; every turn, all unfinished episodes decode in the same steps, and
+    each state message is appended to its own branch.
+
+    Returns the engine and each episode's branch: `engine.tokens[b]` is that episode's whole
+    token history after its prompt, `engine.logprobs[b]` the log-probs of the generated tokens
+    (None for the appended state messages: the mask RL training needs).
     """
-
-    def __init__(self, policy: Policy, params: SamplingParams, max_suffix_len: int = 2048, generator=None):
-        self.policy, self.params, self.generator = policy, params, generator
-        self.max_suffix_len = max_suffix_len
-        self.engine, self.seen, self.last_stop = None, [], None
-        self.last_token_count = 0
-
-    def __call__(self, messages: list[dict]) -> str:
-        new = messages[len(self.seen):]
-        if self.engine is not None and messages[: len(self.seen)] == self.seen and new \
-                and all(m["role"] != "assistant" for m in new):
-            tokens = [] if self.last_stop == "stop_token" else [self.policy.tokenizer.im_end_id]
-            tokens += self.policy.tokenizer.encode("\n" + self.policy.tokenizer.render_chat(new))
-            self.engine.append({0: tokens})
-        else:
-            self.engine = self.policy.engine([messages], 1, self.max_suffix_len)
-        completion = self.engine.generate(self.params, generator=self.generator)[0]
-        text = self.policy.reply_text(completion)
-        self.seen = list(messages) + [{"role": "assistant", "content": text}]
-        self.last_stop, self.last_token_count = completion.stop_reason, len(completion.token_ids)
-        return text
+    groups: dict[tuple, list[int]] = {}
+    for i, episode in enumerate(episodes):
+        key = tuple(policy.tokenizer.encode_chat(episode.messages))
+        groups.setdefault(key, []).append(i)
+    prompts = [list(key) for key in groups]
+    order = [i for members in groups.values() for i in members]  # branch b plays episodes[order[b]]
+    room = policy.model.config.max_position_embeddings - max(map(len, prompts))
+    engine = Engine(policy.model, prompts, [len(m) for m in groups.values()],
+                    min(max_suffix_len, room), decode=policy.tokenizer.decode)
+    active = [b for b, i in enumerate(order) if not episodes[i].done]
+    while active:
+        states = {}
+        for c in engine.generate(params, branches=active, generator=generator):
+            episode = episodes[order[c.branch]]
+            state = episode.step(policy.reply_text(c), n_tokens=len(c.token_ids))
+            if state is not None:
+                end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
+                states[c.branch] = end + policy.next_turn_tokens(state)
+        engine.append(states)
+        active = list(states)
+    branch_of = [0] * len(episodes)
+    for b, i in enumerate(order):
+        branch_of[i] = b
+    return engine, branch_of

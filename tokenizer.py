@@ -40,7 +40,7 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), "")
         if IM_START not in template or IM_END not in template:
             raise ValueError("tokenizer_config.json: chat_template is not ChatML "
-                             f"(<|im_start|>/<|im_end|>); only ChatML chat models are supported")
+                             "(<|im_start|>/<|im_end|>); only ChatML chat models are supported")
         for token in (IM_START, IM_END):
             if tokenizer.token_to_id(token) is None:
                 raise ValueError(f"tokenizer.json: chat token {token} is not in the vocabulary")

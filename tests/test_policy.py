@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model as M
-from policy import ChatTurns, Policy, SamplingParams
+from policy import Policy, play_batch
 from tokenizer import train_tokenizer
 from tools import LocalLLMAgent, OK
 
@@ -40,21 +40,50 @@ def test_local_agent_batch_equals_each_task_alone(checkpoint):
     assert [r.text for r in replies] == [t.strip() for t in batch]
 
 
-def test_chat_turns_continue_the_conversation_in_chat_format(checkpoint):
+def make_episodes(tasks_and_seeds, max_turns=3):
+    from env import EnvConfig, Episode
+    from tasks import make_tasks, world_for_split
+    from tools import load_pool
+
+    world = world_for_split("train")
+    tasks = make_tasks("train", 4, 0, world)
+    return [Episode(tasks[t], load_pool("unseen-b", world), EnvConfig(max_turns=max_turns), seed=s)
+            for t, s in tasks_and_seeds]
+
+
+@torch.no_grad()
+def play_alone(policy, episode, max_new):
+    """Reference: one episode, no engine, no cache: full recompute with plain attention."""
+    tok, model = policy.tokenizer, policy.model
+    ids = tok.encode_chat(episode.messages)
+    while not episode.done:
+        new = []
+        while len(new) < max_new:
+            new.append(int(model(torch.tensor([ids + new]))[0, -1].argmax()))
+            if new[-1] in tok.eos_token_ids:
+                break
+        stopped = new[-1] in tok.eos_token_ids
+        state = episode.step(tok.decode(new[:-1] if stopped else new), n_tokens=len(new))
+        if state is not None:
+            ids += new + ([] if stopped else [tok.im_end_id]) + policy.next_turn_tokens(state)
+
+
+@pytest.mark.parametrize("max_new", [3, 40])  # turns cut by length, and ended by the model
+def test_play_batch_equals_playing_each_episode_alone(checkpoint, max_new):
     policy = Policy.load(checkpoint)
-    for max_new in (4, 40):  # cut by length (no end token) and ended by the model
-        turns = ChatTurns(policy, SamplingParams(1.0, 1.0, max_new, tuple(policy.tokenizer.eos_token_ids)),
-                          generator=torch.Generator().manual_seed(0))
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASKS[0]}]
-        for state in ["<state round=\"1\"></state>", "more"]:
-            messages.append({"role": "assistant", "content": turns(messages)})
-            messages.append({"role": "user", "content": state})
-        engine = turns.engine
-        turns(messages)
-        history = policy.tokenizer.decode(policy.tokenizer.encode_chat(messages[:2]) + engine.tokens[0])
-        expected = policy.tokenizer.render_chat(messages + [{"role": "assistant", "content": turns.seen[-1]["content"]}], False)
-        assert turns.engine is engine, "continuation must reuse the engine (shared prompt KV)"
-        assert expected.startswith(history.removesuffix("<|im_end|>"))
+    # Episodes 0 and 1 open identically (same task, pool, seed): one prefix group, two branches.
+    plan = [(0, 0), (0, 0), (1, 1), (2, 2), (3, 3)]
+    batched, alone = make_episodes(plan), make_episodes(plan)
+    engine, branch_of = play_batch(policy, batched, policy.chat_params(0.0, max_new_tokens=max_new))
+    assert engine.prefix_k.shape[1] == 4 and branch_of[0] != branch_of[1]
+    for episode in alone:
+        play_alone(policy, episode, max_new)
+    for b, a in zip(batched, alone):
+        assert b.messages == a.messages
+        assert b.result().tokens == a.result().tokens
+    # An episode's branch holds its whole history after the prompt, in the chat format.
+    history = policy.tokenizer.decode(policy.tokenizer.encode_chat(batched[2].messages[:2]) + engine.tokens[branch_of[2]])
+    assert policy.tokenizer.render_chat(batched[2].messages, False).startswith(history.removesuffix("<|im_end|>"))
 
 
 def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):

@@ -87,10 +87,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         reply = b"not json" if task == "junk" else json.dumps(
             {"choices": [{"message": {"content": f" echo: {task} "}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # "slow": the client gave up (TIMEOUT); no traceback printed after the test
 
     def log_message(self, *args):
         pass
