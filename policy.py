@@ -339,15 +339,8 @@ class Policy:
         path = Path(path)
         return cls(load_model(path, device=device, dtype=dtype), Tokenizer.load(path))
 
-    @property
-    def device(self):
-        return self.model.model.embed_tokens.weight.device
-
-    def engine(self, conversations: list[list[dict]], branches: int | list[int] = 1,
-               max_suffix_len: int = 512) -> Engine:
-        """An engine whose prefix groups are these conversations, each ending in an open
-        assistant turn. The suffix room is capped by the model's context length."""
-        prompts = [self.tokenizer.encode_chat(m) for m in conversations]
+    def engine(self, prompts: list[list[int]], branches: int | list[int] = 1, max_suffix_len: int = 512) -> Engine:
+        """An engine over these token prompts, its suffix room capped by the model's context."""
         room = self.model.config.max_position_embeddings - max(map(len, prompts))
         if room < 2:
             raise ValueError(f"prompt of {max(map(len, prompts))} tokens fills the model's context")
@@ -375,16 +368,16 @@ class Policy:
         render = self.tokenizer.render_chat
         prefix = self.tokenizer.encode(render([{"role": "system", "content": system_prompt}], False))
         questions = [self.tokenizer.encode(render([{"role": "user", "content": t}])) for t in tasks]
-        engine = Engine(self.model, [prefix], len(tasks), max(map(len, questions)) + max_new_tokens + 1,
-                        decode=self.tokenizer.decode)
+        engine = self.engine([prefix], len(tasks), max(map(len, questions)) + max_new_tokens + 1)
         engine.append(dict(enumerate(questions)))
         return [self.reply_text(c) for c in engine.generate(self.chat_params(0.0, max_new_tokens=max_new_tokens))]
 
     def chat(self, conversations: list[list[dict]], n: int = 1, params: SamplingParams | None = None,
              generator=None) -> list[list[str]]:
         """One assistant reply per branch: n replies for each conversation."""
-        engine = self.engine(conversations, n, (params or self.chat_params()).max_new_tokens + 1)
-        done = engine.generate(params or self.chat_params(), generator=generator)
+        params = params or self.chat_params()
+        prompts = [self.tokenizer.encode_chat(m) for m in conversations]
+        done = self.engine(prompts, n, params.max_new_tokens + 1).generate(params, generator=generator)
         texts = [self.reply_text(c) for c in done]
         return [texts[i * n: (i + 1) * n] for i in range(len(conversations))]
 
@@ -408,11 +401,8 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     for i, episode in enumerate(episodes):
         key = tuple(policy.tokenizer.encode_chat(episode.messages))
         groups.setdefault(key, []).append(i)
-    prompts = [list(key) for key in groups]
     order = [i for members in groups.values() for i in members]  # branch b plays episodes[order[b]]
-    room = policy.model.config.max_position_embeddings - max(map(len, prompts))
-    engine = Engine(policy.model, prompts, [len(m) for m in groups.values()],
-                    min(max_suffix_len, room), decode=policy.tokenizer.decode)
+    engine = policy.engine([list(key) for key in groups], [len(m) for m in groups.values()], max_suffix_len)
     active = [b for b, i in enumerate(order) if not episodes[i].done]
     while active:
         states = {}
