@@ -114,7 +114,8 @@ class ModelConfig:
             raise ValueError(f"config.json: unsupported rope type {rope_type!r} "
                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         d["rope_scaling"] = scaling if rope_type != "default" else None
-        d.pop("hidden_act", None), d.pop("use_sliding_window", None), d.pop("quantization_config", None)
+        for checked in ("hidden_act", "use_sliding_window", "quantization_config"):
+            d.pop(checked, None)
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(k for k in d if k not in known and k not in IGNORED_CONFIG_KEYS)
         if unknown:

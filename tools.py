@@ -452,6 +452,7 @@ class LocalLLMAgent(Callee):
     system_prompt: str = "You are a helpful assistant. Answer with the result only, as briefly as possible."
     max_new_tokens: int = 64
     device: str = "cpu"
+    policy: object = field(default=None, init=False, repr=False)  # loaded on the first batch
     virtual_clock: ClassVar[bool] = False
     batch: ClassVar[bool] = True
 
@@ -460,11 +461,11 @@ class LocalLLMAgent(Callee):
 
     def run_batch(self, tasks, rngs, timeout):
         from policy import Policy  # deferred: pools without a local model never import torch
-        if getattr(self, "_policy", None) is None:
-            self._policy = Policy.load(self.checkpoint, device=self.device)
+        if self.policy is None:
+            self.policy = Policy.load(self.checkpoint, device=self.device)
         start = time.perf_counter()
         try:
-            replies = self._policy.answer_batch(self.system_prompt, tasks, self.max_new_tokens)
+            replies = self.policy.answer_batch(self.system_prompt, tasks, self.max_new_tokens)
         except Exception as e:  # a failing model is a failed call, not a crashed episode
             return [Reply(EXEC_ERR, f"{type(e).__name__}: {e}"[:200], time.perf_counter() - start, self.cost)
                     for _ in tasks]

@@ -59,6 +59,12 @@ def prefix_attention(q, k, v, prefix_lens, scale):
     return out.to(q.dtype), lse
 
 
+def _causal_suffix_mask(q_start, Tq, S, device):
+    """[N, Tq, S]: query t of branch n (at suffix slot q_start[n] + t) sees keys j <= that slot."""
+    qpos = q_start.to(device)[:, None] + torch.arange(Tq, device=device)[None, :]
+    return torch.arange(S, device=device)[None, None, :] <= qpos[:, :, None]
+
+
 def suffix_attention(q, k, v, q_start, scale):
     """q [N, Hq, Tq, D]; k, v [N, Hkv, Smax, D]; q_start [N]. Causal within the suffix.
 
@@ -73,8 +79,7 @@ def suffix_attention(q, k, v, q_start, scale):
     G = Hq // Hkv
     # Group q heads by kv head instead of repeating K/V G times.
     qg = q.float().reshape(N, Hkv, G, Tq, D)
-    qpos = q_start.to(q.device)[:, None] + torch.arange(Tq, device=q.device)[None, :]  # [N, Tq]
-    valid = torch.arange(S, device=q.device)[None, None, :] <= qpos[:, :, None]  # [N, Tq, S]
+    valid = _causal_suffix_mask(q_start, Tq, S, q.device)
     out, lse = _masked_attention(qg, k.float()[:, :, None], v.float()[:, :, None],
                                  valid[:, None, None], scale)
     return out.reshape(N, Hq, Tq, D).to(q.dtype), lse.reshape(N, Hq, Tq)
@@ -109,8 +114,7 @@ def suffix_merge_attention(q, k, v, q_start, scale, out1, lse1):
     G = Hq // Hkv
     # The G query heads of a kv head and their tokens share one matmul with that head's keys.
     s = torch.matmul(q.float().reshape(N, Hkv, G * Tq, D) * scale, k.float().transpose(-1, -2))
-    qpos = q_start.to(q.device)[:, None] + torch.arange(Tq, device=q.device)[None, :]  # [N, Tq]
-    valid = torch.arange(S, device=q.device)[None, None, :] <= qpos[:, :, None]  # [N, Tq, S]
+    valid = _causal_suffix_mask(q_start, Tq, S, q.device)
     s = s.view(N, Hkv, G, Tq, S).masked_fill(~valid[:, None, None], float("-inf"))
     l1 = lse1.float().view(N, Hkv, G, Tq)
     m = torch.maximum(s.amax(-1), l1)
