@@ -11,10 +11,11 @@ Design choices, and why:
   would have to: by reading. Its reading uses a small lexicon of skill and level words covering
   both the training wording and the unseen pools' wording.
 - The parallel oracle writes the SFT data, so its turns are what we want a model to learn: a short
-  <think>, then every unsolved subtask at once, chained ones through {k} references; on failure it
-  retries a failed call once on EXEC_ERR, re-routes at once on TIMEOUT, and re-routes only to a
-  callee the pool calls near-exact (read accuracy >= 0.95), because re-routing to a weak callee
-  trades a visible failure for an invisible wrong answer.
+  <think>, then every unsolved subtask at once, chained ones through {k} references. On failure
+  it re-routes to the next near-exact callee (read accuracy >= 0.95) and re-sends what depended
+  on the failed call in the same turn; where no near-exact callee is left it asks two callees
+  and accepts only an answer they agree on, because a single weak callee trades a visible
+  failure for an invisible wrong answer (GraphPolicy's docstring has the rules).
 - Baselines isolate one ingredient each: serial oracle (same routing, one call per turn),
   single callee (same decomposition, no routing), random routing, and ask-every-agent-and-vote
   (no routing, redundancy instead).
@@ -83,16 +84,30 @@ def last_state(messages: list[dict]) -> list[tuple[str, str, str, str]]:
 
 
 class GraphPolicy:
-    """Shared machinery: walk the task's subtask graph, track which call solved what, retry.
-    Subclasses choose which subtasks to send in a turn and to whom."""
+    """Shared machinery: walk the task's subtask graph, track which call solved what, recover.
+    Subclasses choose which subtasks to send in a turn and to whom.
+
+    Recovery (`recover = True`), the behaviour the SFT data teaches:
+    - a call that failed on its own (EXEC_ERR, TIMEOUT) is re-routed at once to the next
+      near-exact callee for its skill that has not failed it yet, and everything downstream of
+      it is re-sent in the same turn, chained with {k};
+    - when no near-exact callee is left (or none exists for the skill), the subtask goes to the
+      two best remaining callees at once, one answering and one cross-checking; its dependents
+      wait. Two OK answers that agree settle it; a disagreement or a failed check goes to a
+      tie-breaker (the best near-exact callee, even one that failed before: failures can be
+      transient), whose answer stands;
+    - every decision is stated in the turn's <think> line, in a few words.
+    """
     think = True
+    recover = True
 
     def __init__(self, task: Task, seed: int = 0):
         self.task, self.rng = task, random.Random(seed)
         self.solved: dict[int, str] = {}        # subtask id -> call id whose result is OK
         self.call_of: dict[str, int] = {}       # call id -> subtask id
-        self.route: dict[int, int] = {}         # subtask id -> index into its ranking
-        self.retried: set[int] = set()
+        self.route: dict[int, list[str]] = {}   # subtask id -> callee(s) for its next attempt
+        self.failed: dict[int, set[str]] = {}   # subtask id -> callees that failed it
+        self.votes: dict[int, list[tuple[str, str, str]]] = {}   # cross-checked: (call id, text, callee)
         self.next_id = 1
         self.notes: list[str] = []
         self.callees: list[CalleeInfo] = []
@@ -112,31 +127,81 @@ class GraphPolicy:
         head = f"<think>{self.plan_note(todo)}</think>\n" if self.think else ""
         return head + "\n".join(calls)
 
+    # -- reading the state --------------------------------------------------------------------
+
     def read_results(self, results) -> None:
         self.notes = []
+        by_subtask: dict[int, list] = {}
         for call_id, callee, status, text in results:
-            sid = self.call_of.get(call_id)
-            if sid is None:
+            if call_id in self.call_of:
+                by_subtask.setdefault(self.call_of[call_id], []).append((call_id, callee, status, text))
+        for sid, rows in by_subtask.items():
+            if sid in self.votes:
+                self.read_check(sid, rows)
                 continue
-            if status == "OK":
-                self.solved[sid], self.answer_text[call_id] = call_id, text
-            elif not text.startswith("dependency"):   # its own failure, not an upstream one
-                self.on_failure(sid, status, call_id, callee)
+            ok = [r for r in rows if r[2] == "OK"]
+            if ok:
+                self.solve(sid, ok[0][0], ok[0][3])
+            for call_id, callee, status, text in rows:
+                if status != "OK" and not text.startswith("dependency"):   # its own failure
+                    self.on_failure(sid, status, call_id, callee)
+
+    def solve(self, sid: int, call_id: str, text: str) -> None:
+        self.solved[sid], self.answer_text[call_id] = call_id, text
+        self.route.pop(sid, None)
+        self.votes.pop(sid, None)
 
     def on_failure(self, sid: int, status: str, call_id: str, callee: str) -> None:
+        verb = "timed out" if status == "TIMEOUT" else "failed"
+        if not self.recover:
+            return                                    # a baseline: the same routing again
+        self.failed.setdefault(sid, set()).add(callee)
         ranking = self.ranking(sid)
-        if status == "EXEC_ERR" and sid not in self.retried:
-            self.retried.add(sid)
-            self.notes.append(f"call {call_id} failed, retry {callee}")
+        left = [c for c in ranking if c.name not in self.failed[sid]]
+        exact = [c for c in left if c.skills[self.kind(sid)] >= NEAR_EXACT]
+        if exact:
+            self.route[sid] = [exact[0].name]
+            self.notes.append(f"call {call_id} {verb}, re-route to {exact[0].name}")
+        elif len(left) >= 2:
+            self.route[sid], self.votes[sid] = [left[0].name, left[1].name], []
+            self.notes.append(f"call {call_id} {verb}, re-route to {left[0].name}, cross-check with {left[1].name}")
+        else:
+            target = (left or ranking)[0].name if ranking else callee
+            self.failed[sid] = set()
+            self.route[sid] = [target]
+            self.notes.append(f"call {call_id} {verb}, " + ("retry" if target == callee else "re-route to") + f" {target}")
+
+    def read_check(self, sid: int, rows) -> None:
+        """A cross-checked subtask: agreement settles it, an exact tie-breaker overrules."""
+        skill = self.kind(sid)
+        level = {c.name: c.skills.get(skill, 0.0) for c in self.callees}
+        for call_id, callee, status, text in rows:
+            if status == "OK" and level.get(callee, 0.0) >= NEAR_EXACT:
+                self.notes.append(f"{callee} settles it")
+                self.solve(sid, call_id, text)
+                return
+            if status == "OK":
+                self.votes[sid].append((call_id, text, callee))
+        counts = Counter(" ".join(t.lower().split()) for _, t, _ in self.votes[sid])
+        agreed = [v for v in self.votes[sid] if counts[" ".join(v[1].lower().split())] >= 2]
+        if agreed:
+            ids = [v[0] for v in self.votes[sid] if v[1] == agreed[0][1]]
+            self.notes.append(f"calls {ids[0]} and {ids[1]} agree")
+            self.solve(sid, agreed[0][0], agreed[0][1])
             return
-        self.retried.discard(sid)
-        good = [i for i, c in enumerate(ranking) if c.skills[self.kind(sid)] >= NEAR_EXACT]
-        current = self.route.get(sid, 0)
-        later = [i for i in good if i > current] or good or [current]
-        self.route[sid] = later[0]
-        target = ranking[later[0]].name if ranking else callee
-        verb = "timed out" if status == "TIMEOUT" else "failed again"
-        self.notes.append(f"call {call_id} {verb}, " + ("retry" if target == callee else "re-route to") + f" {target}")
+        ranking = self.ranking(sid)
+        exact = [c for c in ranking if c.skills[skill] >= NEAR_EXACT]
+        asked = {v[2] for v in self.votes[sid]} | {r[1] for r in rows}
+        target = (exact or [c for c in ranking if c.name not in asked] or ranking)[0].name
+        self.route[sid] = [target]
+        failed = [(r[0], "timed out" if r[2] == "TIMEOUT" else "failed") for r in rows if r[2] != "OK"]
+        if len(self.votes[sid]) >= 2:
+            why = f"calls {self.votes[sid][-2][0]} and {self.votes[sid][-1][0]} disagree"
+        else:
+            why = " and ".join(f"call {cid} {verb}" for cid, verb in failed) or "no second answer"
+        self.notes.append(f"{why}, {'retry' if target in {r[1] for r in rows} else 'ask'} {target}")
+
+    # -- routing and writing --------------------------------------------------------------------
 
     def kind(self, sid: int) -> str:
         return self.task.subtasks[sid - 1].kind
@@ -145,8 +210,19 @@ class GraphPolicy:
         return rank_for(self.kind(sid), self.callees)
 
     def callee_for(self, sid: int) -> str:
+        """First choice: the most accurate callee for the subtask's skill."""
         ranking = self.ranking(sid)
-        return ranking[self.route.get(sid, 0) % len(ranking)].name if ranking else self.callees[0].name
+        return ranking[0].name if ranking else self.callees[0].name
+
+    def targets(self, sid: int) -> list[str]:
+        if sid in self.route:
+            return self.route[sid]
+        ranking = self.ranking(sid)
+        if self.recover and len(ranking) >= 2 and ranking[0].skills[self.kind(sid)] < NEAR_EXACT:
+            # no exact callee for this skill: answer and cross-check from the start
+            self.route[sid], self.votes[sid] = [ranking[0].name, ranking[1].name], []
+            return self.route[sid]
+        return [self.callee_for(sid)]
 
     def choose(self, unsolved):
         """Which unsolved subtasks to send this turn (all of them; subclasses narrow it)."""
@@ -158,13 +234,16 @@ class GraphPolicy:
         for s in todo:
             if any(d not in ids for d in s.deps):
                 continue
-            cid = str(self.next_id)
-            self.next_id += 1
             task = s.task
             for d in s.deps:
                 task = task.replace("{%d}" % d, "{%s}" % ids[d])
-            ids[s.id], self.call_of[cid] = cid, s.id
-            lines.append(f'<call id="{cid}" to="{self.callee_for(s.id)}">{task}</call>')
+            for callee in self.targets(s.id):
+                cid = str(self.next_id)
+                self.next_id += 1
+                self.call_of[cid] = s.id
+                lines.append(f'<call id="{cid}" to="{callee}">{task}</call>')
+                if s.id not in self.votes:   # a cross-checked result is not chained on yet
+                    ids[s.id] = cid
         return lines
 
     def plan_note(self, todo) -> str:
@@ -196,6 +275,7 @@ class SerialOracle(GraphPolicy):
 class SingleCallee(GraphPolicy):
     """Oracle decomposition, every call to one callee ('best' = best mean read accuracy)."""
     think = False
+    recover = False
 
     def __init__(self, task: Task, name: str, seed: int = 0):
         super().__init__(task, seed)
@@ -210,6 +290,7 @@ class SingleCallee(GraphPolicy):
 class RandomRouting(GraphPolicy):
     """Oracle decomposition, each call to a uniformly random callee."""
     think = False
+    recover = False
 
     def callee_for(self, sid: int) -> str:
         return self.rng.choice(self.callees).name

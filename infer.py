@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cli
 from baselines import SCRIPTED, scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
-from tasks import SPLITS, Task, graph_width, make_tasks, world_for_split
+from tasks import SPLITS, Task, graph_width, make_tasks, task_at, task_world, world_for_split
 from tools import POOLS_DIR, load_pool, read_pool_spec
 
 
@@ -127,9 +127,9 @@ def pool_for_episode(pool: str, world, seed, index: int):
 def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
              max_new_tokens: int = 256, batch: int = 16) -> dict:
-    world = world_for_split(split)
-    tasks = make_tasks(split, n, seed, world)
-    episodes = [Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config, seed=f"{seed}:{i}")
+    tasks = make_tasks(split, n, seed)
+    episodes = [Episode(task, pool_for_episode(pool, task_world(task), seed, i), env_config, reward_config,
+                        seed=f"{seed}:{i}")
                 for i, task in enumerate(tasks)]
     play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch)
     results: list[EpisodeResult] = [e.result() for e in episodes]
@@ -259,9 +259,8 @@ def run(config) -> int:
         task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
         return run_episode(config, checkpoint, task, world, env_config, reward_config)
     else:   # --trace, also the default
-        world = world_for_split(config.split)
-        task = make_tasks(config.split, config.task_index + 1, config.seed, world)[config.task_index]
-        return run_episode(config, config.policy, task, world, env_config, reward_config)
+        task = task_at(config.split, config.task_index, config.seed)
+        return run_episode(config, config.policy, task, task_world(task), env_config, reward_config)
     return 0
 
 

@@ -19,18 +19,25 @@ Design choices, and why:
   and reads the results between rounds. The final answer turn is not counted (+0). In-turn
   `{k}` chaining (env.py) can finish in fewer rounds; the reward only charges rounds *beyond*
   min_rounds, so chaining is never penalized and level-by-level orchestration is not either.
-- Splits: "train" (world seed 1, train compositions), "heldout" (a new world, seed 2, all
-  compositions), "heldout-compositions" (the train world, only compositions never used in train),
-  so the two kinds of generalization can be measured separately.
+- Worlds and splits. Every generated task lives in a world of its own, drawn from a seed that
+  names its split, the task seed and the task's index. A model trained on thousands of such
+  tasks cannot answer from remembered facts or names: it has to copy names from the question
+  into its calls and read the facts from the callees. The splits never share a world:
+  "train" (train compositions), "heldout" (all compositions, new worlds),
+  "heldout-compositions" (only compositions never used in train, new worlds), so the two kinds
+  of generalization are measured separately. A split also has one fixed reference world
+  (`world_for_split`) for free-text queries and for tests that want many tasks in one world.
+- Tasks are index-addressable (`task_at`): task i of a split is built from its own seed, so
+  asking for task 10**8 costs one task, and a list of tasks is a prefix of a longer one.
 """
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 KINDS = ("lookup", "math", "text")
 SPLITS = ("train", "heldout", "heldout-compositions")
-WORLD_SEEDS = {"train": 1, "heldout": 2, "heldout-compositions": 1}
 
 _SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "za", "qui", "bel", "dor", "na", "sel",
               "mar", "ti", "os", "ul", "fen", "gar", "lis", "ro", "dun", "e", "va", "kor"]
@@ -57,7 +64,7 @@ RELATIONS = {
 @dataclass
 class World:
     """Entities by type and a fact table {(relation, entity name): value}."""
-    seed: int
+    seed: int | str
     entities: dict[str, list[str]]          # type -> names
     facts: dict[tuple[str, str], object]    # (relation, entity) -> str name or int
 
@@ -92,7 +99,7 @@ def _unique_names(rng: random.Random, n: int, taken: set, make) -> list[str]:
     return names
 
 
-def make_world(seed: int, n_countries: int = 10, n_cities: int = 40, n_people: int = 30,
+def make_world(seed: int | str, n_countries: int = 10, n_cities: int = 40, n_people: int = 30,
                n_companies: int = 15) -> World:
     rng = random.Random(seed)
     taken: set = set()
@@ -154,7 +161,7 @@ class Task:
     depth: int                    # longest dependency chain, in subtasks
     min_rounds: int               # = depth (see module docstring); 1 for graph-less tasks
     split: str = ""
-    world_seed: int | None = None
+    world_seed: int | str | None = None
 
     def to_json(self) -> dict:
         from dataclasses import asdict
@@ -423,24 +430,46 @@ def make_task(world: World, composition: str, rng: random.Random, split: str = "
                 depth, depth, split, world.seed)
 
 
-def world_for_split(split: str) -> World:
-    if split not in WORLD_SEEDS:
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return make_world(WORLD_SEEDS[split])
+
+
+def world_for_split(split: str) -> World:
+    """The split's one fixed reference world (free-text queries, single-world tests)."""
+    _check_split(split)
+    return world_of(f"{split}:reference")
+
+
+@lru_cache(maxsize=4096)
+def world_of(seed: int | str) -> World:
+    """The world with this seed (cached: a task's pool and its checks share one object)."""
+    return make_world(seed)
+
+
+def task_world(task: Task) -> World:
+    """The world a generated task was drawn from (its callees must know this world)."""
+    if task.world_seed is None:
+        raise ValueError("this task has no world (a loaded dataset task)")
+    return world_of(task.world_seed)
+
+
+def task_at(split: str, index: int, seed: int = 0, world: World | None = None) -> Task:
+    """Task `index` of a split, built on its own: compositions cycle in blocks (every block
+    holds each of the split's compositions once, in a seeded order), and the task's world is
+    new (seed "split:seed:index") unless `world` is given."""
+    _check_split(split)
+    if index < 0:
+        raise ValueError(f"task index must be >= 0, got {index}")
+    names = compositions_for(split)
+    order = random.Random(f"order:{split}:{seed}:{index // len(names)}").sample(names, len(names))
+    world = world or world_of(f"{split}:{seed}:{index}")
+    return make_task(world, order[index % len(names)], random.Random(f"task:{split}:{seed}:{index}"), split)
 
 
 def make_tasks(split: str, n: int, seed: int = 0, world: World | None = None) -> list[Task]:
-    """n tasks of a split; compositions cycle in a seeded order so every one is covered."""
-    world = world or world_for_split(split)
-    names = compositions_for(split)
-    rng = random.Random(f"tasks:{split}:{seed}")
-    order: list[str] = []
-    tasks = []
-    for _ in range(n):
-        if not order:
-            order = rng.sample(names, len(names))
-        tasks.append(make_task(world, order.pop(), rng, split))
-    return tasks
+    """Tasks 0..n-1 of a split (each in its own world unless `world` is given)."""
+    return [task_at(split, i, seed, world) for i in range(n)]
 
 
 def load_jsonl_tasks(path: str, question_key: str = "question", answer_key: str = "answer") -> list[Task]:
