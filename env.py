@@ -377,21 +377,17 @@ def format_state(round_no: int, elapsed: float, cost: float, results: list[CallR
 
 
 def system_prompt(pool: Pool, config: EnvConfig) -> str:
+    """Kept short on purpose: a small model reads it every turn, and every token of it costs
+    training and decoding time. The pool lines carry what changes between episodes."""
     return (
-        "You are an orchestrator. Do not solve the question yourself: split it into subtasks and "
-        "delegate each one to a callee from the pool.\n"
-        "Each turn, optionally write <think>a short plan</think>, then either calls or the answer:\n"
-        '<call id="1" to="NAME">one task</call> - ids are new numbers; {k} in a task stands for the '
-        "result of call k, and the call waits for it. Calls that do not wait for each other run in "
-        "parallel.\n"
-        "<answer>final answer</answer> - ends the episode.\n"
-        'After your calls you get <state round=".." elapsed=".." cost=".."> with one <result id=".." '
-        'from=".." status=".." latency=".."> per call. Status: OK; PARSE_ERR (your call was malformed); '
-        "EXEC_ERR (the callee failed, or a call it waits for failed); TIMEOUT. Retry or re-route "
-        "failed calls.\n"
-        f"Write nothing outside these tags. Budget: {config.max_turns} turns, "
-        f"{config.time_budget:g} seconds.\n"
-        "Pool (name | kind | description | cost per call | typical latency):\n" + pool.describe())
+        "Orchestrate: delegate the question's subtasks to the pool; never solve them yourself.\n"
+        "Turn: <think>plan</think> (optional), then calls or the answer.\n"
+        '<call id="1" to="NAME">task</call>: new id per call; {k} = result of call k (waits for it); '
+        "other calls run in parallel.\n"
+        "<answer>final answer</answer> ends the episode. Nothing outside tags.\n"
+        "Results come in <state>: OK, PARSE_ERR, EXEC_ERR or TIMEOUT; re-route failed calls.\n"
+        f"Budget: {config.max_turns} turns, {config.time_budget:g} s. "
+        "Pool (name | kind | description | cost | latency):\n" + pool.describe())
 
 
 # ---------------------------------------------------------------- episodes

@@ -89,21 +89,24 @@ def latest_checkpoint(runs_dir: str = "runs") -> str | None:
     return None
 
 
-def play_episodes(policy: str, episodes: list[Episode], indices: list[int], device: str = "auto",
+def play_episodes(policy, episodes: list[Episode], indices: list[int], device: str = "auto",
                   temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16) -> None:
     """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
-    them); a checkpoint folder is loaded once and plays `batch` episodes at a time on one engine
-    (policy.play_batch: all unfinished episodes decode together, identical prompts share KV)."""
-    if not os.path.isdir(policy):
+    them); a checkpoint folder (or an already loaded policy.Policy) plays `batch` episodes at a
+    time on one engine (policy.play_batch: all unfinished episodes decode together, identical
+    prompts share KV)."""
+    if isinstance(policy, str) and not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
             play(episode, scripted_policy(policy, episode.task, index))
         return
     import torch
     from policy import Policy as ModelPolicy, play_batch
-    device = resolve_device(device)
-    model = ModelPolicy.load(policy, device=device)
+    if isinstance(policy, str):
+        model = ModelPolicy.load(policy, device=resolve_device(device))
+    else:
+        model = policy
     params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(model.model.output_weight().device).manual_seed(seed)
     for k in range(0, len(episodes), batch):
         play_batch(model, episodes[k:k + batch], params, generator=generator)
 
@@ -124,7 +127,7 @@ def pool_for_episode(pool: str, world, seed, index: int):
 
 # ---------------------------------------------------------------- evaluation
 
-def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
+def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
              max_new_tokens: int = 256, batch: int = 16) -> dict:
     tasks = make_tasks(split, n, seed)
@@ -134,7 +137,8 @@ def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: 
     play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
-    return summarize(results, wide_latency) | {"policy": policy, "pool": pool, "split": split, "n": n, "seed": seed}
+    name = policy if isinstance(policy, str) else "model"
+    return summarize(results, wide_latency) | {"policy": name, "pool": pool, "split": split, "n": n, "seed": seed}
 
 
 def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:

@@ -435,8 +435,10 @@ def load_model(path, device="cpu", dtype=None) -> Transformer:
 
 
 def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
-                     extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ extra text files) atomically into `path`.
+                     extra_files: dict[str, str] | None = None,
+                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ extra text files, + extra safetensors files such
+    as a training state) atomically into `path`.
 
     Everything goes into a temp folder beside `path`, which is then renamed into place, so a
     reader never sees a half-written checkpoint and a crash leaves the old one intact.
@@ -451,6 +453,8 @@ def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, group in (extra_tensors or {}).items():
+            save_file({n: t.detach().contiguous().cpu() for n, t in group.items()}, str(tmp / name))
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: give the usual permissions
             p.chmod(0o755 if p.is_dir() else 0o644)
         old = None
@@ -470,13 +474,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 
 
-def save_model(model: Transformer, path, tokenizer_dir=None, dtype=None) -> Path:
-    """Save `model` in the HF layout; copy the tokenizer files from `tokenizer_dir` if given."""
+def save_model(model: Transformer, path, tokenizer_dir=None, dtype=None, extra_files=None,
+               extra_tensors=None) -> Path:
+    """Save `model` in the HF layout; copy the tokenizer files from `tokenizer_dir` if given.
+    `extra_files` (text) and `extra_tensors` (safetensors files) are written in the same atomic
+    step: the training state of a run sits beside its weights."""
     state = {n: t.to(dtype) if dtype else t for n, t in model.state_dict().items()}
     check_tensors(model.config, state)
-    extra = {}
+    extra = dict(extra_files or {})
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 extra[name] = (Path(tokenizer_dir) / name).read_text()
-    return write_checkpoint(path, model.config.to_hf(), state, extra)
+    return write_checkpoint(path, model.config.to_hf(), state, extra, extra_tensors)

@@ -1,0 +1,324 @@
+"""Stage 1: supervised fine-tuning on the scripted oracle's trajectories, failures and recoveries
+included.
+
+    python sft.py                                   tiny model from scratch, about 10 minutes on 2 cores
+    python sft.py --no-recovery                     ablation: failure-free trajectories only
+    python sft.py --init checkpoints/smollm2-135m-instruct --device cuda
+    python sft.py --resume                          continue the newest run from its last checkpoint
+    python sft.py --data my.jsonl                   train on your own trajectories
+
+Design choices, and why:
+- Data comes from the real environment: the parallel oracle (baselines.py) plays training
+  tasks, each in a world of its own, on a fresh draw of the randomized pool family, with
+  failures injected at --failure-rate. A trajectory is the exact message list (system prompt,
+  question, oracle turns, the environment's state messages) plus metadata, one JSON object a
+  line, so it can be read, filtered, or replaced by a researcher's own file. Since no two
+  episodes share a world, names and facts cannot be memorized: the model must copy entity
+  names from the question and callee names from the pool lines. --no-recovery keeps only
+  trajectories in which every call succeeded (the ablation).
+- The token stream is the one the model sees when it plays (policy.play_batch): the prompt as
+  `encode_chat(system, question)`, each assistant turn as its own encoding closed by
+  <|im_end|>, each state message as `next_turn_tokens`. A test checks the two agree, so what
+  is learned is what is played. The loss covers the assistant turns and their end token only.
+- Batches are bucketed by length (sorted within a shuffled window of episodes, then cut by a
+  token budget): no cross-episode attention to mask, little padding (the fraction is logged).
+  Gradients are accumulated over micro-batches and the loss is a mean over all learned tokens
+  of the step, so the step does not depend on how it was split.
+- From scratch (the default) the tokenizer is a BPE trained on the generated episodes, the
+  model the `tiny` preset; --init starts from any HF-layout checkpoint and its tokenizer.
+"""
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import cli
+import train
+from baselines import scripted_policy
+from env import EnvConfig, Episode, play
+from model import PRESETS, build_model, load_model, num_parameters, preset_config
+from policy import Policy
+from tasks import task_at, task_world
+from tokenizer import Tokenizer, train_tokenizer
+from tools import OK, load_pool
+
+
+@dataclass
+class SFTOptions:
+    episodes: int = cli.field(6000, "oracle episodes to generate", "data")
+    failure_rate: float = cli.field(0.15, "injected failure rate while generating (recovery data)", "data")
+    recovery: bool = cli.field(True, "keep trajectories with failures and recoveries "
+                               "(--no-recovery: failure-free trajectories only)", "data")
+    data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
+    pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
+    init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
+    preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
+    vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
+    steps: int = cli.field(600, "optimizer steps", "optimizer")
+    batch_tokens: int = cli.field(8192, "tokens (with padding) per optimizer step", "optimizer")
+    micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass (gradient accumulation "
+                                        "splits a step into passes of this size)", "optimizer")
+
+
+def _fields(cls):
+    return [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(cls)]
+
+
+SFTConfig = dataclasses.make_dataclass("SFTConfig", _fields(SFTOptions) + _fields(train.TrainConfig))
+
+
+# ---------------------------------------------------------------- data
+
+def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, pool: str = "seen") -> list[dict]:
+    """n oracle trajectories on train tasks (each in its own world) and fresh pool draws.
+    Deterministic given the arguments. Without recovery, failures are not injected and any
+    episode with a failed call is dropped; episodes the oracle got wrong are always dropped."""
+    env = EnvConfig(failure_rate=failure_rate if recovery else 0.0)
+    out, i = [], 0
+    while len(out) < n:
+        task = task_at("train", i, seed)
+        episode = Episode(task, load_pool(pool, task_world(task), random.Random(f"sft-pool:{seed}:{i}")),
+                          env, seed=f"sft:{seed}:{i}")
+        result = play(episode, scripted_policy("oracle", task, i))
+        i += 1
+        failures = result.exec_errors + result.timeouts + result.parse_errors
+        if not result.success or (not recovery and failures):
+            continue
+        out.append({"messages": episode.messages,
+                    "meta": {"index": i - 1, "composition": task.composition, "world_seed": task.world_seed,
+                             "failures": failures, "rounds": result.rounds, "gold": task.answer}})
+    return out
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    """Trajectories: one {"messages": [...], "meta": {...}} per line. Each must open with a
+    system and a user message and then alternate assistant / user (state) messages."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                roles = [m["role"] for m in row["messages"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise train.TrainingError(f"{path}:{n}: not a trajectory ({type(e).__name__}: {e})") from None
+            if roles[:2] != ["system", "user"] or len(roles) < 3 or any(
+                    r != ("assistant" if k % 2 == 0 else "user") for k, r in enumerate(roles[2:])):
+                raise train.TrainingError(f"{path}:{n}: messages must be system, user, then assistant/user "
+                                          f"turns alternating, got {roles}")
+            rows.append(row)
+    if not rows:
+        raise train.TrainingError(f"{path}: no trajectories")
+    return rows
+
+
+def episode_tokens(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The token stream policy.play_batch produces for this conversation, and its loss mask
+    (1 on the assistant turns' tokens and their <|im_end|>)."""
+    ids = tokenizer.encode_chat(messages[:2])
+    mask = [0] * len(ids)
+    for m in messages[2:]:
+        if m["role"] == "assistant":
+            turn = tokenizer.encode(m["content"]) + [tokenizer.im_end_id]
+            ids += turn
+            mask += [1] * len(turn)
+        else:
+            new = tokenizer.encode("\n" + tokenizer.render_chat([m]))
+            ids += new
+            mask += [0] * len(new)
+    return ids, mask
+
+
+# ---------------------------------------------------------------- batches
+
+def bucketed_batches(lengths: list[int], budget: int, seed: int, epoch: int, window: int = 256) -> list[list[int]]:
+    """Indices of examples, grouped into batches of similar length whose padded size
+    (rows x longest) stays within `budget` tokens; the order is a function of (seed, epoch)."""
+    rng = random.Random(f"batches:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for k in range(0, len(order), window):
+        chunk = sorted(order[k:k + window], key=lambda i: lengths[i])
+        batch: list[int] = []
+        for i in chunk:
+            if batch and (len(batch) + 1) * max(lengths[i], max(lengths[j] for j in batch)) > budget:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and next-token loss mask [B, T-1]."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.float32)
+    for r, (x, m) in enumerate(examples):
+        ids[r, :len(x)] = torch.tensor(x)
+        mask[r, :len(m)] = torch.tensor(m, dtype=torch.float32)
+    return ids.to(device), mask[:, 1:].to(device)
+
+
+def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over learned positions of the next-token cross-entropy (the caller divides)."""
+    logits = model(ids[:, :-1]).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (loss * mask.reshape(-1)).sum()
+
+
+class Stream:
+    """Steps of micro-batches, epoch after epoch, from a position (epoch, batch index)."""
+
+    def __init__(self, lengths, config, epoch: int = 0, position: int = 0):
+        self.lengths, self.config = lengths, config
+        self.epoch, self.position = epoch, position
+        self.batches = bucketed_batches(lengths, config.micro_batch_tokens, config.seed, epoch)
+
+    def next_step(self) -> list[list[int]]:
+        """Micro-batches totalling about --batch-tokens padded tokens."""
+        out, tokens = [], 0
+        while tokens < self.config.batch_tokens:
+            if self.position >= len(self.batches):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.batches = bucketed_batches(self.lengths, self.config.micro_batch_tokens,
+                                                self.config.seed, self.epoch)
+            batch = self.batches[self.position]
+            self.position += 1
+            out.append(batch)
+            tokens += len(batch) * max(self.lengths[i] for i in batch)
+        return out
+
+
+# ---------------------------------------------------------------- the run
+
+def prepare(config, run: Path, device: str):
+    """Data, tokenizer and model for a new run (or the saved ones for a resumed run)."""
+    data_path = Path(config.data) if config.data else run / "data.jsonl"
+    if config.data or data_path.is_file():
+        rows = read_jsonl(data_path)
+    else:
+        t = time.time()
+        rows = generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool)
+        write_jsonl(rows, data_path)
+        print(f"data: {len(rows)} oracle episodes in {time.time() - t:.1f}s -> {data_path}", file=sys.stderr)
+    tokenizer_dir = run / "tokenizer"
+    if config.init:
+        try:
+            model = load_model(config.init, device=device)
+            tokenizer = Tokenizer.load(config.init)
+        except (OSError, ValueError) as e:
+            raise train.TrainingError(f"--init {config.init}: {e}") from None
+        tokenizer_dir = Path(config.init)
+    else:
+        if (tokenizer_dir / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(tokenizer_dir)
+        else:
+            t = time.time()
+            texts = [Tokenizer.render_chat(r["messages"]) for r in rows[:2000]]
+            tokenizer = train_tokenizer(texts, config.vocab_size)
+            tokenizer.save(tokenizer_dir)
+            print(f"tokenizer: BPE of {tokenizer.vocab_size} tokens in {time.time() - t:.1f}s", file=sys.stderr)
+        model = build_model(preset_config(config.preset, vocab_size=tokenizer.vocab_size), device, seed=config.seed)
+    return rows, tokenizer, tokenizer_dir, model
+
+
+def run(config) -> int:
+    cli.log_config(config)
+    device = train.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    run_path = train.run_dir(config, "sft")
+    rows, tokenizer, tokenizer_dir, model = prepare(config, run_path, device)
+    t = time.time()
+    examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]
+    lengths = [len(ids) for ids, _ in examples]
+    learned = sum(sum(m) for _, m in examples)
+    print(f"tokens: {sum(lengths)} in {len(examples)} episodes (mean {sum(lengths) / len(lengths):.0f}, "
+          f"max {max(lengths)}; {learned / sum(lengths):.1%} learned) in {time.time() - t:.1f}s; "
+          f"model {num_parameters(model) / 1e6:.2f}M parameters on {device}", file=sys.stderr)
+    model.train()
+    optimizer = train.make_optimizer(model, config)
+    step, epoch, position = 0, 0, 0
+    resume_from = train.resume_point(run_path) if config.resume else None
+    if resume_from is not None:
+        state = train.load_training_state(resume_from, model, optimizer)
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    stream = Stream(lengths, config, epoch, position)
+    metrics = train.Metrics(run_path, config.steps, step)
+    policy = Policy(model, tokenizer)
+    window = {"loss": 0.0, "tokens": 0, "padded": 0, "learned": 0, "time": 0.0}
+    while step < config.steps:
+        t0 = time.time()
+        micro = stream.next_step()
+        n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
+        loss_sum = 0.0
+        for batch in micro:
+            ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
+            loss = sum_token_loss(model, ids, mask) / n_learned
+            loss.backward()
+            loss_sum += loss.item()
+            window["padded"] += ids.numel()
+            window["tokens"] += sum(lengths[i] for i in batch)
+        lr = train.lr_at(step, config.steps, config)
+        grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
+        step += 1
+        window["loss"] += loss_sum
+        window["learned"] += 1
+        window["time"] += time.time() - t0
+        row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "epoch": stream.epoch,
+               "step_seconds": time.time() - t0}
+        if step % config.log_every == 0 or step == config.steps:
+            tok_s = window["tokens"] / max(window["time"], 1e-9)
+            pad = 1 - window["tokens"] / max(window["padded"], 1)
+            row |= {"train_tokens_per_s": tok_s, "pad_fraction": pad}
+            metrics.progress(step, loss=window["loss"] / window["learned"], lr=lr, tok_s=round(tok_s),
+                             pad=round(pad, 3), epoch=stream.epoch)
+            window = dict.fromkeys(window, 0) | {"loss": 0.0, "time": 0.0}
+        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+            t1 = time.time()
+            s = train.evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
+            row |= {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
+            row["eval_seconds"] = time.time() - t1
+            print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} "
+                  f"rounds {s['rounds']:.2f} latency {s['latency']:.2f}s ({config.eval_n} {config.eval_split} "
+                  f"tasks, {time.time() - t1:.0f}s)", file=sys.stderr)
+        metrics.log(row)
+        if step % config.ckpt_every == 0 or step == config.steps:
+            path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
+                                         {"epoch": stream.epoch, "position": stream.position})
+    train.set_latest(run_path, path)
+    print(f"done: {path} (runs/sft/latest)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    config = cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0])
+    try:
+        return run(config)
+    except train.TrainingError as e:
+        print(f"sft.py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

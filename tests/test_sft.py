@@ -1,0 +1,207 @@
+"""SFT: the loss mask, bucketing and accumulation against per-example losses, data determinism,
+the oracle's recovery on a hand-made state, and resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from baselines import scripted_policy
+from policy import Policy
+from sft import bucketed_batches, collate, episode_tokens, generate_episodes, sum_token_loss
+from tasks import Subtask, Task
+from tokenizer import IM_END, Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONVERSATION = [
+    {"role": "system", "content": "Pool:\n- kb | tool | exact facts | cost 0.0005 | latency 0.30s"},
+    {"role": "user", "content": "What is the capital of Velora?"},
+    {"role": "assistant", "content": '<call id="1" to="kb">capital of Velora</call>'},
+    {"role": "user", "content": '<state round="1" elapsed="0.30" cost="0.0005">\n'
+                                '<result id="1" from="kb" status="OK" latency="0.30">Zarn</result>\n</state>'},
+    {"role": "assistant", "content": "<answer>Zarn</answer>"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [Tokenizer.render_chat(CONVERSATION)] * 5 + [f"city {i} of Velora has {i * 37} people" for i in range(100)]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def test_loss_mask_on_a_hand_built_conversation(tokenizer):
+    ids, mask = episode_tokens(tokenizer, CONVERSATION)
+    assert len(ids) == len(mask)
+    # the stream is the whole chat as play_batch builds it (no newline after the last turn)
+    assert tokenizer.decode(ids) == Tokenizer.render_chat(CONVERSATION, add_generation_prompt=False)[:-1]
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert learned == ('<call id="1" to="kb">capital of Velora</call>' + IM_END + "<answer>Zarn</answer>" + IM_END)
+    # the state message between the turns is masked: it is the environment's text
+    assert "Zarn</result>" not in learned and "Velora?" not in learned
+
+
+def test_token_stream_is_what_play_batch_appends(tokenizer):
+    """Each state message is encoded exactly as policy.play_batch appends it to a branch."""
+    ids, _ = episode_tokens(tokenizer, CONVERSATION)
+    policy = Policy(None, tokenizer)
+    expected = (tokenizer.encode_chat(CONVERSATION[:2]) + tokenizer.encode(CONVERSATION[2]["content"])
+                + [tokenizer.im_end_id] + policy.next_turn_tokens(CONVERSATION[3]["content"])
+                + tokenizer.encode(CONVERSATION[4]["content"]) + [tokenizer.im_end_id])
+    assert ids == expected
+
+
+def _tiny_model(vocab):
+    config = M.ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return M.init_weights(M.Transformer(config), seed=1, std=0.2)
+
+
+def test_bucketed_padded_batches_equal_per_example_losses(tokenizer):
+    rows = generate_episodes(6, seed=1, failure_rate=0.3, recovery=True)
+    examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]
+    model = _tiny_model(tokenizer.vocab_size)
+    n_learned = sum(sum(m) for _, m in examples)
+    # reference: each example alone, unpadded
+    ref = sum(sum_token_loss(model, *collate([e], 0, "cpu")) for e in examples) / n_learned
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # bucketed: padded batches within a small token budget, gradients accumulated
+    batches = bucketed_batches([len(i) for i, _ in examples], budget=2500, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(examples))) and len(batches) > 1
+    total = 0.0
+    for b in batches:
+        loss = sum_token_loss(model, *collate([examples[i] for i in b], tokenizer.pad_token_id, "cpu")) / n_learned
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(ref.item(), rel=1e-5)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_bucketing_keeps_padding_low_and_order_seeded():
+    lengths = [(i * 7919) % 900 + 100 for i in range(1000)]
+    batches = bucketed_batches(lengths, budget=6000, seed=0, epoch=0)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert all(len(b) * max(lengths[i] for i in b) <= 6000 for b in batches)
+    assert sum(lengths) / padded > 0.9
+    assert batches == bucketed_batches(lengths, 6000, 0, 0) != bucketed_batches(lengths, 6000, 0, 1)
+
+
+def test_data_is_deterministic_and_recovery_is_present():
+    a, b = generate_episodes(30, 2, 0.3, True), generate_episodes(30, 2, 0.3, True)
+    assert a == b and a != generate_episodes(30, 3, 0.3, True)
+    assert sum(r["meta"]["failures"] > 0 for r in a) >= 10
+    thinks = " ".join(m["content"] for r in a for m in r["messages"] if m["role"] == "assistant")
+    assert "re-route to" in thinks
+    clean = generate_episodes(30, 2, 0.3, False)
+    assert all(r["meta"]["failures"] == 0 for r in clean)
+    states = " ".join(m["content"] for r in clean for m in r["messages"][2:] if m["role"] == "user")
+    assert "TIMEOUT" not in states and "EXEC_ERR" not in states
+
+
+POOL = ("Pool:\n- kb | tool | exact facts about the world | cost 0.0005 | latency 0.30s\n"
+        "- calc | tool | exact arithmetic | cost 0.0002 | latency 0.10s\n"
+        "- ann | agent | chat assistant; facts: good, arithmetic: weak | cost 0.0040 | latency 1.00s\n"
+        "- bob | agent | chat assistant; facts: fair, arithmetic: fair | cost 0.0030 | latency 0.80s")
+TASK = Task("What is 2 times the population of the capital of Velora?", "200",
+            [Subtask(1, "lookup", "capital of Velora", "Zarn"),
+             Subtask(2, "lookup", "population of {1}", "100", [1]),
+             Subtask(3, "math", "{2} * 2", "200", [2])], "test", 3, 3, 3)
+
+
+def _state(*results):
+    rows = "".join(f'\n<result id="{i}" from="{f}" status="{s}" latency="0.10">{t}</result>' for i, f, s, t in results)
+    return {"role": "user", "content": f'<state round="1" elapsed="0.10" cost="0.0010">{rows}\n</state>'}
+
+
+def test_oracle_reroutes_and_cross_checks_by_hand():
+    oracle = scripted_policy("oracle", TASK)
+    messages = [{"role": "system", "content": POOL}, {"role": "user", "content": TASK.question}]
+    turn = oracle(messages)
+    assert turn.endswith('<call id="1" to="kb">capital of Velora</call>\n'
+                         '<call id="2" to="kb">population of {1}</call>\n<call id="3" to="calc">{2} * 2</call>')
+    # the only exact tool for facts timed out: two agents answer and check, dependents wait
+    messages += [{"role": "assistant", "content": turn},
+                 _state(("1", "kb", "TIMEOUT", ""), ("2", "kb", "EXEC_ERR", "dependency {1} failed (TIMEOUT)"),
+                        ("3", "calc", "EXEC_ERR", "dependency {2} failed (EXEC_ERR)"))]
+    turn = oracle(messages)
+    assert turn == ("<think>call 1 timed out, re-route to ann, cross-check with bob.</think>\n"
+                    '<call id="4" to="ann">capital of Velora</call>\n<call id="5" to="bob">capital of Velora</call>')
+    # they agree: the chain goes on from the agreed answer, in one turn
+    messages += [{"role": "assistant", "content": turn}, _state(("4", "ann", "OK", "Zarn"), ("5", "bob", "OK", "Zarn"))]
+    turn = oracle(messages)
+    assert turn == ("<think>calls 4 and 5 agree.</think>\n"
+                    '<call id="6" to="kb">population of {4}</call>\n<call id="7" to="calc">{6} * 2</call>')
+    # the calculator fails: re-routed to the next capable callee, cross-checked (no exact one left)
+    messages += [{"role": "assistant", "content": turn},
+                 _state(("6", "kb", "OK", "100"), ("7", "calc", "EXEC_ERR", "injected failure"))]
+    turn = oracle(messages)
+    assert turn == ("<think>call 7 failed, re-route to bob, cross-check with ann.</think>\n"
+                    '<call id="8" to="bob">{6} * 2</call>\n<call id="9" to="ann">{6} * 2</call>')
+    # they disagree: the exact tool breaks the tie, and its answer stands
+    messages += [{"role": "assistant", "content": turn}, _state(("8", "bob", "OK", "200"), ("9", "ann", "OK", "210"))]
+    turn = oracle(messages)
+    assert turn == '<think>calls 8 and 9 disagree, ask calc.</think>\n<call id="10" to="calc">{6} * 2</call>'
+    messages += [{"role": "assistant", "content": turn}, _state(("10", "calc", "OK", "200"))]
+    assert oracle(messages) == "<answer>200</answer>"
+
+
+def _sft(tmp_path, name, *extra):
+    return [sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(tmp_path), "--name", name,
+            "--episodes", "40", "--steps", "12", "--batch-tokens", "1200", "--micro-batch-tokens", "1200",
+            "--ckpt-every", "4", "--log-every", "4", "--eval-every", "0", "--eval-n", "2",
+            "--vocab-size", "400", "--warmup-steps", "2", *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_sft(tmp_path, "reference"), check=True, env=env, capture_output=True, timeout=300)
+    ref = _losses(tmp_path / "sft" / "reference")
+    assert sorted(ref) == list(range(1, 13))
+    # the same run, killed hard once its step-8 checkpoint exists
+    proc = subprocess.Popen(_sft(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "sft" / "killed" / "checkpoints" / "step-000008"
+    deadline = time.time() + 240
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_dir() and not (tmp_path / "sft" / "latest").exists()
+    out = subprocess.run(_sft(tmp_path, "killed", "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from" in out.stderr and "step-000008" in out.stderr
+    resumed = _losses(tmp_path / "sft" / "killed")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-4), step
+    latest = tmp_path / "sft" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / "sft" / "killed" / "checkpoints" / "step-000012")
+
+
+def test_broken_checkpoint_says_which_tensor(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _sft(tmp_path, "broken")
+    args[args.index("--steps") + 1] = "4"
+    subprocess.run(args, check=True, env=env, capture_output=True, timeout=300)
+    ckpt = tmp_path / "sft" / "broken" / "checkpoints" / "step-000004"
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    name = next(n for n in tensors if n.endswith("exp_avg"))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, str(ckpt / "optimizer.safetensors"))
+    args[args.index("--steps") + 1] = "8"
+    out = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert name in out.stderr and "shape" in out.stderr

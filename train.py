@@ -1,0 +1,237 @@
+"""What both training stages share: the run folder, checkpoints with their training state and
+resume, AdamW with warm-up and cosine decay, metrics and the progress line, periodic evaluation.
+sft.py and grpo.py keep only what is particular to their stage.
+
+Design choices, and why:
+- A run is a folder, runs/<stage>/<name>/: `config.json` (the exact config, written once),
+  `metrics.jsonl` (one JSON object per logged step), and `checkpoints/step-NNNNNN/`, each a
+  plain HF-layout checkpoint that `model.load_model` (and transformers) read. The training
+  state sits in the same folder, written in the same atomic rename: `training_state.json`
+  (step, data position, schedule, RNG states) and `optimizer.safetensors` (AdamW moments by
+  parameter name). Nothing is pickled, so a checkpoint never runs code when it is read.
+- `runs/<stage>/latest` is a relative symlink to the newest finished run's final checkpoint,
+  replaced atomically; infer.py follows it.
+- Resume is exact: the data order is a function of (seed, epoch), the training state records
+  how far into it the run got, so a killed run continues the same batches, and its loss curve
+  continues the first one (a test kills one with SIGKILL).
+- The learning rate is a pure function of the step (linear warm-up, cosine to a floor), so it
+  needs no scheduler object to save.
+- Decoupled weight decay only on matrices (not on norms, biases or embeddings), the usual
+  choice for transformers.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+from model import load_model, save_model
+
+
+@dataclass
+class TrainConfig:
+    """Knobs shared by both stages (each entry point adds its own)."""
+    name: str = cli.field("", "run name: runs/<stage>/<name> (default: <time>-seed<seed>)", "run")
+    resume: bool = cli.field(False, "continue run --name (default: the newest run of this stage) "
+                             "from its last checkpoint", "run")
+    seed: int = cli.field(0, "seed for data, init and sampling", "run")
+    device: str = cli.field("auto", "cpu or cuda (auto: cuda if available)", "run")
+    runs_dir: str = cli.field("runs", "where runs are written", "run")
+    lr: float = cli.field(3e-3, "peak learning rate", "optimizer")
+    min_lr_frac: float = cli.field(0.1, "final learning rate as a fraction of --lr (cosine decay)", "optimizer")
+    warmup_steps: int = cli.field(30, "linear warm-up steps", "optimizer")
+    weight_decay: float = cli.field(0.01, "AdamW decoupled weight decay (matrices only)", "optimizer")
+    beta2: float = cli.field(0.99, "AdamW beta2", "optimizer")
+    grad_clip: float = cli.field(1.0, "clip the global gradient norm to this (0 = off)", "optimizer")
+    ckpt_every: int = cli.field(100, "save a resumable checkpoint every N steps", "run")
+    log_every: int = cli.field(10, "print the progress line every N steps", "run")
+    eval_every: int = cli.field(200, "greedy held-out evaluation every N steps (0 = only at the end)", "eval")
+    eval_n: int = cli.field(64, "tasks per periodic evaluation", "eval")
+    eval_split: str = cli.field("heldout", "split of the periodic evaluation", "eval")
+    eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+# ---------------------------------------------------------------- run folders
+
+class TrainingError(Exception):
+    """A problem a user can fix (missing or broken checkpoint, bad flags): one clear line."""
+
+
+def run_dir(config, stage: str) -> Path:
+    """The run folder: a new one, or (with --resume) an existing one."""
+    stage_dir = Path(config.runs_dir) / stage
+    if config.resume:
+        if config.name:
+            path = stage_dir / config.name
+        else:
+            runs = sorted((p for p in stage_dir.glob("*") if (p / "config.json").is_file()),
+                          key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise TrainingError(f"--resume: no run in {stage_dir} to resume")
+            path = runs[-1]
+        if not (path / "config.json").is_file():
+            raise TrainingError(f"--resume: {path} is not a run folder (no config.json)")
+        return path
+    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-seed{config.seed}"
+    path = stage_dir / name
+    if (path / "config.json").exists():
+        raise TrainingError(f"{path} already exists: pass --resume to continue it, or another --name")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    return path
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step-*"))
+
+
+def set_latest(run: Path, checkpoint: Path) -> None:
+    """Point runs/<stage>/latest at a finished checkpoint (relative symlink, atomic replace)."""
+    latest = run.parent / "latest"
+    tmp = run.parent / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(checkpoint, run.parent))
+    os.replace(tmp, latest)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, config.beta2), eps=1e-8)
+
+
+def lr_at(step: int, total: int, config) -> float:
+    """Linear warm-up to --lr, then cosine decay to --lr * --min-lr-frac at `total` steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    floor = config.lr * config.min_lr_frac
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_step(model, optimizer, lr: float, grad_clip: float) -> float:
+    """Set the lr, clip, step, zero the grads; returns the pre-clip gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"{names[id(p)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def save_checkpoint(run: Path, step: int, model, tokenizer_dir, optimizer, state: dict) -> Path:
+    """An HF-layout checkpoint plus everything resume needs, in one atomic write."""
+    state = {**state, "step": step, "python_rng": random.getstate(),
+             "torch_rng": torch.get_rng_state().tolist()}
+    path = run / "checkpoints" / f"step-{step:06d}"
+    save_model(model, path, tokenizer_dir=tokenizer_dir,
+               extra_files={"training_state.json": json.dumps(state, default=list) + "\n"},
+               extra_tensors={"optimizer.safetensors": _optimizer_tensors(model, optimizer)})
+    return path
+
+
+def load_training_state(path: Path, model, optimizer) -> dict:
+    """Load weights, optimizer moments and RNG states from a checkpoint into the live objects;
+    every problem is a TrainingError naming the file or tensor."""
+    from safetensors.torch import load_file
+    try:
+        loaded = load_model(path, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+        state = json.loads((path / "training_state.json").read_text())
+        moments = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise TrainingError(f"cannot resume from {path}: {e}") from None
+    model.load_state_dict(loaded.state_dict())
+    params = dict(model.named_parameters())
+    for name, value in moments.items():
+        pname, key = name.rsplit(".", 1)
+        if pname not in params:
+            raise TrainingError(f"cannot resume from {path}: optimizer.safetensors has {name}, "
+                                f"which names no parameter of the model")
+        p = params[pname]
+        if key != "step" and value.shape != p.shape:
+            raise TrainingError(f"cannot resume from {path}: optimizer tensor {name} has shape "
+                                f"{list(value.shape)}, expected {list(p.shape)}")
+        optimizer.state[p][key] = value.to(p.device) if key != "step" else value
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return state
+
+
+def resume_point(run: Path) -> Path | None:
+    """The newest checkpoint of a run that has its training state (None: start afresh)."""
+    for path in reversed(checkpoints(run)):
+        if (path / "training_state.json").is_file():
+            return path
+    return None
+
+
+# ---------------------------------------------------------------- metrics and progress
+
+class Metrics:
+    """metrics.jsonl (one object per call) and a one-line progress report on stderr."""
+
+    def __init__(self, run: Path, total_steps: int, start_step: int = 0):
+        self.path = run / "metrics.jsonl"
+        self.total, self.start_step, self.start_time = total_steps, start_step, time.time()
+        if self.path.is_file():   # a resumed run: drop the rows of steps it will redo
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def progress(self, step: int, **values) -> None:
+        done = step - self.start_step
+        elapsed = time.time() - self.start_time
+        eta = elapsed / max(1, done) * (self.total - step)
+        parts = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        print(f"step {step}/{self.total} {parts} elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m",
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config=None,
+                    reward_config=None, batch: int = 32) -> dict:
+    """Greedy evaluation of an in-memory policy.Policy through the real environment, on the
+    same tasks and pool draws as `python infer.py --eval`."""
+    from infer import evaluate   # the one evaluation harness, shared with the CLI
+    from env import EnvConfig, RewardConfig
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        with torch.no_grad():
+            return evaluate(policy, pool, split, n, seed, env_config or EnvConfig(),
+                            reward_config or RewardConfig(), batch=batch)
+    finally:
+        policy.model.train(was_training)
