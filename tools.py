@@ -26,12 +26,23 @@ Design choices, and why:
 - Simulated agents know the world: they solve the task string exactly (with the same solvers the
   tools use) and then, with probability 1 - accuracy for the task's skill, corrupt the answer
   plausibly (a nearby number, another city's name, a flipped yes/no).
-- The Python runner is a separate `python -I -S` process with RLIMIT_AS / RLIMIT_CPU /
-  RLIMIT_FSIZE limits, a wall-clock timeout, an empty temporary working directory, a stripped
-  environment, output written to a size-limited file (never an unbounded pipe), and an audit
-  hook installed before the user's code that refuses any path inside the project, writes outside
-  the temporary directory, new processes, sockets and ctypes. Audit hooks are defence in depth,
-  not a sandbox: for truly hostile code run the whole thing in a container.
+- The Python runner is isolated by the operating system, not by the interpreter: an audit hook
+  lives in the same process as the code it watches, which can empty its deny-lists, and private
+  primitives (_posixsubprocess) raise no audit event at all. So each call runs `python -I -S`
+  under bubblewrap: new PID, network, IPC and UTS namespaces (no network at all, not even
+  127.0.0.1; no other process visible, so nothing outside can be signalled or read through
+  /proc); a filesystem holding only the interpreter, its standard library (site-packages hidden)
+  and the system's shared libraries, read-only, plus an empty private tmpfs as working directory;
+  a cleared environment (bwrap itself gets none either, so its /proc/1/environ holds nothing);
+  --die-with-parent and --new-session. When the call ends or its wall-clock deadline passes, bwrap
+  is killed; its init dies with it and the kernel kills the whole PID namespace, setsid()
+  orphans included. Inside, rlimits bound memory (RLIMIT_AS), CPU, file size and the number of
+  processes; output goes to a size-limited file, never an unbounded pipe. The kernel ignores
+  RLIMIT_NPROC for uid 0, also for root mapped into a user namespace, so as root no user
+  namespace is made and the child drops to a fresh unprivileged uid of its own before any user
+  code runs. The old audit hook stays inside as a second layer. Without bwrap the runner refuses
+  (EXEC_ERR saying how to install it; a warning when a pool builds it) unless the callee sets
+  `allow_unsandboxed_python`, which runs the same child with the hook and rlimits only.
 """
 import ast
 import json
@@ -39,12 +50,17 @@ import math
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import warnings
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -238,18 +254,25 @@ class TextTool(Callee):
         return Reply(OK, result, self.latency, self.cost)
 
 
-# The child's first code: limits, then the audit hook, then the user's code (read from stdin).
-_PYTHON_PRELUDE = r'''
+# The child's first code: limits, then (as root) the drop to the call's own uid, then the audit
+# hook, then the user's code (read from stdin). Limits are set before the drop: root may set any
+# hard limit, and the unprivileged user can never raise it again.
+_PYTHON_PRELUDE = r"""
 import ast, json, os, resource, sys, traceback
-tmp, roots, mem, cpu, fsize = json.loads(sys.argv[1])
+tmp, roots, mem, cpu, fsize, nproc, uid = json.loads(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+if uid:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 src = sys.stdin.read()
 _realpath, _fsdecode = os.path.realpath, os.fsdecode
 DENY = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
         "os.forkpty", "os.kill", "os.killpg", "socket.connect", "socket.bind", "socket.__new__",
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook", "sys._getframe",
+        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook",
         "resource.setrlimit", "os.putenv", "os.chroot"}
 WRITES = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
           "os.symlink", "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move",
@@ -282,13 +305,71 @@ try:
     tree = ast.parse(src, "<task>")
     scope = {"__name__": "__main__"}
     if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr):  # REPL style: show the value
-        print(eval(compile(ast.Expression(tree.body[0].value), "<task>", "eval"), scope))
+        value = eval(compile(ast.Expression(tree.body[0].value), "<task>", "eval"), scope)
+        if value is not None:
+            print(value)
     else:
         exec(compile(tree, "<task>", "exec"), scope)
 except BaseException:
     traceback.print_exc(limit=2)
     sys.exit(1)
-'''
+"""
+
+BWRAP_MISSING = ("the Python runner needs bubblewrap (bwrap) for its sandbox and it is not "
+                 "installed: apt-get install bubblewrap")
+_warned_no_bwrap = False
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def _sandbox_command(bwrap: str, prelude_args: str, tmp_bytes: int) -> list[str]:
+    """The bwrap command line that runs the prelude with only the interpreter, its standard
+    library and the system's shared libraries visible, read-only."""
+    exe = os.path.realpath(sys.executable)
+    paths = sysconfig.get_paths()
+    binds = [exe, paths["stdlib"], paths["platstdlib"]]
+    libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+    if os.path.isfile(libpython):
+        binds.append(libpython)
+    args = [bwrap, "--die-with-parent", "--new-session", "--clearenv", "--setenv", "LANG", "C.UTF-8"]
+    if os.geteuid() == 0:
+        # No user namespace: in one made by root the sandbox's uid would still be root to the
+        # kernel, which ignores RLIMIT_NPROC for root. The prelude drops to its own uid instead,
+        # with the only two capabilities it needs for that.
+        args += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                 "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-all"]
+    for d in ("/usr/lib", "/usr/lib64", "/lib", "/lib64"):     # shared libraries (merged /usr or not)
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            binds.append(d)
+    for b in dict.fromkeys(binds):
+        args += ["--ro-bind", b, b]
+    # third-party packages would be readable through the binds above: hide them under empty dirs
+    for d in dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]):
+        if os.path.isdir(d) and any(_within(d, b) for b in binds):
+            args += ["--tmpfs", d]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    # bwrap makes the folders above the binds (e.g. /root for a pyenv interpreter) private to
+    # root; the dropped uid must be able to walk through them
+    made = {a for b in binds for a in _ancestors(b) if not any(_within(a, c) for c in binds)}
+    for a in sorted(made):
+        args += ["--chmod", "0755", a]
+    return args + [exe, "-I", "-S", "-c", _PYTHON_PRELUDE, prelude_args]
+
+
+def _within(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 @dataclass
@@ -297,38 +378,58 @@ class PythonRunner(Callee):
     memory_mb: int = 256
     wall_seconds: float = 5.0
     output_chars: int = 2000
+    max_processes: int = 16
     protected: list[str] = field(default_factory=lambda: [PROJECT_ROOT])
+    allow_unsandboxed_python: bool = False   # weak mode without bwrap: audit hook and rlimits only
     virtual_clock: ClassVar[bool] = False
+
+    def __post_init__(self):
+        global _warned_no_bwrap
+        if bwrap_path() is None and not _warned_no_bwrap:
+            _warned_no_bwrap = True
+            warnings.warn(f"python callee {self.name!r}: {BWRAP_MISSING}; until then its calls fail "
+                          "with EXEC_ERR (allow_unsandboxed_python=true runs them unsandboxed)")
 
     def run(self, task, rng, timeout):
         start = time.perf_counter()
+        bwrap = bwrap_path()
+        if bwrap is None and not self.allow_unsandboxed_python:
+            return Reply(EXEC_ERR, BWRAP_MISSING, 0.0, self.cost)
         wall = max(0.1, min(timeout, self.wall_seconds))
         roots = [os.path.realpath(p) for p in self.protected]
-        with tempfile.TemporaryDirectory(prefix="pyrun-") as tmp:
-            tmp = os.path.realpath(tmp)
-            limits = json.dumps([tmp, roots, self.memory_mb << 20, self.cpu_seconds, 1 << 20])
-            out_path = os.path.join(tmp, ".output")
-            with open(out_path, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, limits],
-                                        stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                        cwd=tmp, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                        start_new_session=True)
-                try:
-                    proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    _kill_group(proc)
-            with open(out_path, "rb") as f:
-                text = f.read(self.output_chars * 4).decode("utf-8", "replace")[: self.output_chars].strip()
+        limits = [self.memory_mb << 20, self.cpu_seconds, 1 << 20, self.max_processes]
+        with tempfile.TemporaryDirectory(prefix="pyrun-") as host_tmp, tempfile.TemporaryFile() as out:
+            if bwrap:
+                # a fresh uid per call: the process limit then counts this call's processes only
+                uid = 100000 + secrets.randbelow(1 << 20) if os.geteuid() == 0 else 0
+                cmd = _sandbox_command(bwrap, json.dumps(["/tmp", roots, *limits, uid]), 16 << 20)
+            else:
+                host_tmp = os.path.realpath(host_tmp)
+                cmd = [sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, json.dumps([host_tmp, roots, *limits, 0])]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=host_tmp, env={"LANG": "C.UTF-8"}, umask=0o022,
+                                    start_new_session=True)
+            try:
+                proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # bwrap's init dies with it (--die-with-parent), and with the init its whole PID
+                # namespace: every process the code started, setsid() or not
+                _kill_group(proc)
+            out.seek(0)
+            text = out.read(self.output_chars * 4).decode("utf-8", "replace")[: self.output_chars].strip()
         latency = time.perf_counter() - start
-        if timed_out or proc.returncode == -signal.SIGXCPU:
+        code = proc.returncode
+        if bwrap and code > 128:     # bwrap reports a child killed by signal N as exit 128 + N
+            code = 128 - code
+        if timed_out or code == -signal.SIGXCPU:
             return Reply(TIMEOUT, "time limit exceeded", latency, self.cost)
-        if proc.returncode != 0:
-            reason = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
-            if proc.returncode < 0:
-                reason = f"killed by signal {signal.Signals(-proc.returncode).name} (resource limit)"
+        if code != 0:
+            reason = text.splitlines()[-1] if text else f"exit status {code}"
+            if code < 0:
+                reason = f"killed by signal {signal.Signals(-code).name} (resource limit)"
             return Reply(EXEC_ERR, reason[:300], latency, self.cost)
         return Reply(OK, text, latency, self.cost)
 
