@@ -27,6 +27,9 @@ max end(c) (its critical path). Latencies are virtual for simulated callees and 
 ones (tools.py). `elapsed` is the sum over rounds: the episode's critical-path latency (the
 policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
+Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
+EXEC_ERR; real callees run in daemon threads, and the step stops waiting for one at call_timeout +
+BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
 
 Rewards (every term reported on its own; weights are RewardConfig fields, hence flags):
     success     = w_success * [answer matches gold]          (numbers within answer_rel_tol,
@@ -266,11 +269,16 @@ def _well_formed(r) -> bool:
             and isinstance(r.latency, (int, float)) and math.isfinite(r.latency) and r.latency >= 0)
 
 
+BACKSTOP_GRACE = 0.5   # seconds a real callee may overrun its deadline before the executor stops waiting
+
+
 async def _in_thread(fn, *args):
     """fn(*args) in a daemon thread of its own. Unlike asyncio.to_thread, asyncio.run does not
     wait for it at the end, so the executor's deadline bounds a step even if a callee overruns
     its own. That is only a backstop: real callees hold their deadline themselves (tools.py),
-    so their thread has ended by then and nothing is left running."""
+    so their thread has ended by then and nothing is left running. A callee that cannot stop
+    (a local model mid-generation) is abandoned: its thread finishes in the background and its
+    late result is dropped."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -307,7 +315,7 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
     async def run_real(callee, tasks, rngs) -> list[Reply]:
         try:
             return await asyncio.wait_for(_in_thread(call_callee, callee, tasks, rngs, config.call_timeout),
-                                          config.call_timeout + 1.0)
+                                          config.call_timeout + BACKSTOP_GRACE)
         except asyncio.TimeoutError:
             return [Reply(TIMEOUT, "", config.call_timeout, callee.cost) for _ in tasks]
 

@@ -21,6 +21,12 @@ Design choices, and why:
   branches of one shared prefix. To add it, subclass `Callee`, set `batch = True` and
   `virtual_clock = False`, implement `run_batch`, and pass its constructor to `load_pool` in
   `extra_types` (e.g. {"local_llm": LocalLLMAgent}); nothing else changes.
+- Every call comes back typed by its deadline. A callee may raise: the executor (env.py,
+  `call_callee`) is the one place that turns any exception into EXEC_ERR, so callees carry no
+  catch-all of their own. Real callees hold the deadline over the whole call (the HTTP agent's
+  own small client re-arms the socket timeout with the time left before every read; the Python
+  runner kills its sandbox), so their thread ends by itself. The in-process tools, charged
+  virtual time, refuse inputs whose real cost explodes (huge powers or round digits).
 - Randomness comes in as an argument (`rng`), never from a global generator, so an episode is
   reproducible from its seed whatever order the calls finish in.
 - Simulated agents know the world: they solve the task string exactly (with the same solvers the
@@ -55,14 +61,14 @@ import shutil
 import signal
 import site
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import urllib.parse
 import warnings
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -496,7 +502,13 @@ def plausible_wrong(answer: str, world: World | None, rng: random.Random) -> str
 
 @dataclass
 class HttpAgent(Callee):
-    """Any OpenAI-compatible /v1/chat/completions endpoint, standard library only."""
+    """Any OpenAI-compatible /v1/chat/completions endpoint, standard library only.
+
+    The call's deadline bounds the whole request (connect, send, status, headers, body), not each
+    socket read: a small HTTP/1.1 client sets the socket's timeout to the time left before every
+    operation, so a server that drips one byte at a time cannot hold the call past its deadline,
+    and the thread running the call ends by itself. Replies are bounded (headers, body size) and
+    a malformed one raises, which the executor turns into EXEC_ERR."""
     url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
     api_key_env: str = ""            # name of the environment variable holding the key, if any
@@ -512,30 +524,143 @@ class HttpAgent(Callee):
         headers = {"Content-Type": "application/json"}
         if self.api_key_env and os.environ.get(self.api_key_env):
             headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
-        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
 
         def reply(status, text):
             return Reply(status, text, time.perf_counter() - start, self.cost)
         try:
-            with urllib.request.urlopen(request, timeout=max(0.01, timeout)) as response:
-                raw = response.read(1 << 20)
-        except urllib.error.HTTPError as e:
-            return reply(EXEC_ERR, f"HTTP {e.code} {e.reason}")
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (socket.timeout, TimeoutError)):
-                return reply(TIMEOUT, "")
-            return reply(EXEC_ERR, f"connection failed: {e.reason}")
-        except (socket.timeout, TimeoutError):
+            status, reason, raw = http_post(self.url.rstrip("/") + "/chat/completions", body, headers,
+                                            time.monotonic() + max(0.01, timeout))
+        except TimeoutError:
             return reply(TIMEOUT, "")
-        except (OSError, ValueError) as e:
-            return reply(EXEC_ERR, f"request failed: {type(e).__name__}")
+        if status != 200:
+            return reply(EXEC_ERR, f"HTTP {status} {reason}"[:200])
         try:
-            text = json.loads(raw)["choices"][0]["message"]["content"]
+            text = json.loads(raw.decode("utf-8", "replace"))["choices"][0]["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # deep nesting too
             return reply(EXEC_ERR, "bad JSON in the reply")
         return reply(OK, text.strip())
+
+
+MAX_REPLY_BYTES = 1 << 20
+_MAX_HEADERS, _MAX_LINE = 100, 8192
+
+
+class HttpError(ValueError):
+    pass
+
+
+def http_post(url: str, body: bytes, headers: dict, deadline: float) -> tuple[int, str, bytes]:
+    """POST and read the whole reply by `deadline` (time.monotonic()): (status, reason, body).
+    Raises TimeoutError past the deadline, HttpError for a malformed or oversized reply, OSError
+    for network failures. Name resolution is the one step the deadline cannot interrupt (it is
+    bounded by the system resolver's own timeout); numeric addresses skip it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpError(f"unsupported URL {url[:80]!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}",
+            "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection((parts.hostname, port), timeout=_left(deadline)) as raw_sock:
+        sock = raw_sock
+        if parts.scheme == "https":
+            sock.settimeout(_left(deadline))
+            sock = ssl.create_default_context().wrap_socket(raw_sock, server_hostname=parts.hostname)
+        reader = _Reader(sock, deadline)
+        sock.settimeout(_left(deadline))
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        while True:
+            status_line = reader.line()
+            m = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: (.*))?", status_line.rstrip(b"\r\n"))
+            if not m:
+                raise HttpError(f"garbage status line {status_line[:40]!r}")
+            fields = reader.headers()
+            if not 100 <= int(m.group(1)) < 200:       # skip "100 Continue" and the like
+                break
+        status, reason = int(m.group(1)), (m.group(2) or b"").decode("latin-1")
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            return status, reason, reader.chunked()
+        if "content-length" in fields:
+            length = fields["content-length"]
+            if not length.isdigit():
+                raise HttpError(f"bad Content-Length {length[:20]!r}")
+            if int(length) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+            return status, reason, reader.exactly(int(length))
+        return status, reason, reader.until_closed()
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _Reader:
+    """Buffered reads from a socket, each one bounded by the time left before the deadline."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline, self.buf = sock, deadline, bytearray()
+
+    def _fill(self) -> bool:
+        self.sock.settimeout(_left(self.deadline))
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        while (end := self.buf.find(b"\n")) < 0:
+            if len(self.buf) > _MAX_LINE:
+                raise HttpError("reply line too long")
+            if not self._fill():
+                raise HttpError("connection closed in the middle of the reply head")
+        if end > _MAX_LINE:
+            raise HttpError("reply line too long")
+        line, self.buf = bytes(self.buf[:end + 1]), self.buf[end + 1:]
+        return line
+
+    def headers(self) -> dict[str, str]:
+        fields = {}
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.line().rstrip(b"\r\n")
+            if not line:
+                return fields
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise HttpError(f"malformed header {line[:40]!r}")
+            fields[name.strip().lower()] = value.strip()
+        raise HttpError(f"more than {_MAX_HEADERS} headers")
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise HttpError("connection closed before the reply ended")
+        data, self.buf = bytes(self.buf[:n]), self.buf[n:]
+        return data
+
+    def until_closed(self) -> bytes:
+        while self._fill():
+            if len(self.buf) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+        return bytes(self.buf)
+
+    def chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size = self.line().split(b";")[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
+                raise HttpError(f"bad chunk size {size[:20]!r}")
+            if int(size, 16) == 0:
+                self.headers()                          # trailers, up to the final empty line
+                return bytes(body)
+            if len(body) + int(size, 16) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+            body += self.exactly(int(size, 16))
+            if self.line().strip():
+                raise HttpError("chunk not followed by CRLF")
 
 
 # ---------------------------------------------------------------- pools
