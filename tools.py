@@ -396,8 +396,9 @@ class PythonRunner(Callee):
         global _warned_no_bwrap
         if bwrap_path() is None and not _warned_no_bwrap:
             _warned_no_bwrap = True
-            warnings.warn(f"python callee {self.name!r}: {BWRAP_MISSING}; until then its calls fail "
-                          "with EXEC_ERR (allow_unsandboxed_python=true runs them unsandboxed)")
+            then = ("it runs code WITHOUT the sandbox (allow_unsandboxed_python)" if self.allow_unsandboxed_python
+                    else "until then its calls fail with EXEC_ERR")
+            warnings.warn(f"python callee {self.name!r}: {BWRAP_MISSING}; {then}")
 
     def run(self, task, rng, timeout):
         start = time.perf_counter()
@@ -416,7 +417,7 @@ class PythonRunner(Callee):
                 host_tmp = os.path.realpath(host_tmp)
                 cmd = [sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, json.dumps([host_tmp, roots, *limits, 0])]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=host_tmp, env={"LANG": "C.UTF-8"}, umask=0o022,
+                                    cwd=host_tmp, env={"LANG": "C.UTF-8"},
                                     start_new_session=True)
             try:
                 proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
