@@ -27,6 +27,9 @@ max end(c) (its critical path). Latencies are virtual for simulated callees and 
 ones (tools.py). `elapsed` is the sum over rounds: the episode's critical-path latency (the
 policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
+Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
+EXEC_ERR; real callees run in daemon threads, and the step stops waiting for one at call_timeout +
+BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
 
 Rewards (every term reported on its own; weights are RewardConfig fields, hence flags):
     success     = w_success * [answer matches gold]          (numbers within answer_rel_tol,
@@ -49,8 +52,11 @@ Rewards (every term reported on its own; weights are RewardConfig fields, hence 
 """
 import asyncio
 import html
+import math
 import random
 import re
+import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -242,6 +248,54 @@ def validate(turn: ParsedTurn, pool: Pool, history: dict[str, CallResult], confi
     return out
 
 
+def call_callee(callee, tasks: list[str], rngs: list[random.Random], timeout: float) -> list[Reply]:
+    """The one place every callee is called: one reply per task, always. An exception inside a
+    callee, or a reply that is not a Reply with a known status, becomes EXEC_ERR with a short
+    reason, so no callee can crash a step; callees need no try/except of their own for that."""
+    start = time.perf_counter()
+    try:
+        replies = (callee.run_batch(tasks, rngs, timeout) if callee.batch
+                   else [callee.run(tasks[0], rngs[0], timeout)])
+        if len(replies) != len(tasks) or not all(_well_formed(r) for r in replies):
+            raise TypeError(f"the callee returned {len(replies)} malformed or missing replies for {len(tasks)} calls")
+        return replies
+    except Exception as e:
+        latency = callee.latency if callee.virtual_clock else time.perf_counter() - start
+        return [Reply(EXEC_ERR, f"{type(e).__name__}: {e}"[:200], latency, callee.cost) for _ in tasks]
+
+
+def _well_formed(r) -> bool:
+    return (isinstance(r, Reply) and r.status in (OK, EXEC_ERR, TIMEOUT) and isinstance(r.text, str)
+            and isinstance(r.latency, (int, float)) and math.isfinite(r.latency) and r.latency >= 0)
+
+
+BACKSTOP_GRACE = 0.5   # seconds a real callee may overrun its deadline before the executor stops waiting
+
+
+async def _in_thread(fn, *args):
+    """fn(*args) in a daemon thread of its own. Unlike asyncio.to_thread, asyncio.run does not
+    wait for it at the end, so the executor's deadline bounds a step even if a callee overruns
+    its own. That is only a backstop: real callees hold their deadline themselves (tools.py),
+    so their thread has ended by then and nothing is left running. A callee that cannot stop
+    (a local model mid-generation) is abandoned: its thread finishes in the background and its
+    late result is dropped."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def deliver(result):
+        if not future.done():
+            future.set_result(result)
+
+    def target():
+        result = fn(*args)
+        try:
+            loop.call_soon_threadsafe(deliver, result)
+        except RuntimeError:      # the step gave up on this call and its loop is closed
+            pass
+    threading.Thread(target=target, daemon=True, name=f"callee-{getattr(args[0], 'name', '')}").start()
+    return await future
+
+
 async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed: str,
                    config: EnvConfig) -> list[CallResult]:
     """Run one turn's calls as a dependency graph; returns results in the turn's order."""
@@ -258,24 +312,25 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
         else:
             flush(key)
 
+    async def run_real(callee, tasks, rngs) -> list[Reply]:
+        try:
+            return await asyncio.wait_for(_in_thread(call_callee, callee, tasks, rngs, config.call_timeout),
+                                          config.call_timeout + BACKSTOP_GRACE)
+        except asyncio.TimeoutError:
+            return [Reply(TIMEOUT, "", config.call_timeout, callee.cost) for _ in tasks]
+
     def flush(key):
         callee, requests = pool.get(key[0]), batches.pop(key)
         tasks, rngs = [r[0] for r in requests], [r[1] for r in requests]
         if callee.virtual_clock:
-            for r, reply in zip(requests, callee.run_batch(tasks, rngs, config.call_timeout)):
+            for r, reply in zip(requests, call_callee(callee, tasks, rngs, config.call_timeout)):
                 r[2].set_result(reply)
             return
 
-        async def run_real():
-            try:
-                replies = await asyncio.wait_for(
-                    asyncio.to_thread(callee.run_batch, tasks, rngs, config.call_timeout),
-                    config.call_timeout + 1.0)
-            except asyncio.TimeoutError:
-                replies = [Reply(TIMEOUT, "", config.call_timeout, callee.cost)] * len(requests)
-            for r, reply in zip(requests, replies):
+        async def answer():
+            for r, reply in zip(requests, await run_real(callee, tasks, rngs)):
                 r[2].set_result(reply)
-        pending.append(asyncio.ensure_future(run_real()))
+        pending.append(asyncio.ensure_future(answer()))
 
     async def dispatch(callee, task: str, rng: random.Random, start: float) -> Reply:
         if config.failure_rate and rng.random() < config.failure_rate:
@@ -292,12 +347,8 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
             batches[key].append((task, rng, future))
             return await future
         if callee.virtual_clock:
-            return callee.run(task, rng, config.call_timeout)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(callee.run, task, rng, config.call_timeout),
-                                          config.call_timeout + 1.0)
-        except asyncio.TimeoutError:
-            return Reply(TIMEOUT, "", config.call_timeout, callee.cost)
+            return call_callee(callee, [task], [rng], config.call_timeout)[0]
+        return (await run_real(callee, [task], [rng]))[0]
 
     async def run_one(call: Call) -> CallResult:
         deps = []

@@ -21,17 +21,34 @@ Design choices, and why:
   branches of one shared prefix. To add it, subclass `Callee`, set `batch = True` and
   `virtual_clock = False`, implement `run_batch`, and pass its constructor to `load_pool` in
   `extra_types` (e.g. {"local_llm": LocalLLMAgent}); nothing else changes.
+- Every call comes back typed by its deadline. A callee may raise: the executor (env.py,
+  `call_callee`) is the one place that turns any exception into EXEC_ERR, so callees carry no
+  catch-all of their own. Real callees hold the deadline over the whole call (the HTTP agent's
+  own small client re-arms the socket timeout with the time left before every read; the Python
+  runner kills its sandbox), so their thread ends by itself. The in-process tools, charged
+  virtual time, refuse inputs whose real cost explodes (huge powers or round digits).
 - Randomness comes in as an argument (`rng`), never from a global generator, so an episode is
   reproducible from its seed whatever order the calls finish in.
 - Simulated agents know the world: they solve the task string exactly (with the same solvers the
   tools use) and then, with probability 1 - accuracy for the task's skill, corrupt the answer
   plausibly (a nearby number, another city's name, a flipped yes/no).
-- The Python runner is a separate `python -I -S` process with RLIMIT_AS / RLIMIT_CPU /
-  RLIMIT_FSIZE limits, a wall-clock timeout, an empty temporary working directory, a stripped
-  environment, output written to a size-limited file (never an unbounded pipe), and an audit
-  hook installed before the user's code that refuses any path inside the project, writes outside
-  the temporary directory, new processes, sockets and ctypes. Audit hooks are defence in depth,
-  not a sandbox: for truly hostile code run the whole thing in a container.
+- The Python runner is isolated by the operating system, not by the interpreter: an audit hook
+  lives in the same process as the code it watches, which can empty its deny-lists, and private
+  primitives (_posixsubprocess) raise no audit event at all. So each call runs `python -I -S`
+  under bubblewrap: new PID, network, IPC and UTS namespaces (no network at all, not even
+  127.0.0.1; no other process visible, so nothing outside can be signalled or read through
+  /proc); a filesystem holding only the interpreter, its standard library (site-packages hidden)
+  and the system's shared libraries, read-only, plus an empty private tmpfs as working directory;
+  a cleared environment (bwrap itself gets none either, so its /proc/1/environ holds nothing);
+  --die-with-parent and --new-session. When the call ends or its wall-clock deadline passes, bwrap
+  is killed; its init dies with it and the kernel kills the whole PID namespace, setsid()
+  orphans included. Inside, rlimits bound memory (RLIMIT_AS), CPU, file size and the number of
+  processes; output goes to a size-limited file, never an unbounded pipe. The kernel ignores
+  RLIMIT_NPROC for uid 0, also for root mapped into a user namespace, so as root no user
+  namespace is made and the child drops to a fresh unprivileged uid of its own before any user
+  code runs. The old audit hook stays inside as a second layer. Without bwrap the runner refuses
+  (EXEC_ERR saying how to install it; a warning when a pool builds it) unless the callee sets
+  `allow_unsandboxed_python`, which runs the same child with the hook and rlimits only.
 """
 import ast
 import json
@@ -39,14 +56,19 @@ import math
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
+import site
 import socket
+import ssl
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -104,7 +126,9 @@ _MAX_DIGITS = 300
 def calculate(expr: str) -> str:
     """Arithmetic by walking a whitelisted AST (never eval): numbers, + - * / // % **, unary -,
     max/min/abs/round, one comparison (-> "yes"/"no"). Raises CalcError on anything else,
-    including results too large to be an honest arithmetic answer."""
+    including results too large to be an honest arithmetic answer, complex results, and
+    operations whose cost explodes (huge exponents, huge round digits), so that a call on the
+    virtual clock never computes for long."""
     expr = expr.strip().replace("×", "*").replace("^", "**")
     if len(expr) > 500:
         raise CalcError("expression too long")
@@ -112,13 +136,20 @@ def calculate(expr: str) -> str:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise CalcError(f"not an arithmetic expression: {type(e).__name__}")
-    value = _calc_node(tree.body)
+    try:
+        value = _calc_node(tree.body)
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as e:
+        if isinstance(e, CalcError):
+            raise
+        raise CalcError(f"{type(e).__name__}: {e}"[:200])
     if isinstance(value, bool):
         return "yes" if value else "no"
     return format_number(value)
 
 
 def _check_size(x):
+    if not isinstance(x, (int, float)):      # e.g. (-1) ** 0.5 is complex
+        raise CalcError("the result is not a real number")
     if isinstance(x, float) and not math.isfinite(x):
         raise CalcError("result is not finite")
     if abs(x) >= 10 ** _MAX_DIGITS:
@@ -137,16 +168,10 @@ def _calc_node(node):
         # bound the size before computing, so 10**10**10 is refused rather than computed
         if abs(b) > 1000 or (abs(a) > 1 and b * math.log10(abs(a)) > _MAX_DIGITS):
             raise CalcError("power too large")
-        try:
-            return _check_size(a ** b)
-        except (ZeroDivisionError, OverflowError) as e:
-            raise CalcError(str(e))
+        return _check_size(a ** b)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         a, b = _calc_node(node.left), _calc_node(node.right)
-        try:
-            return _check_size(_BINOPS[type(node.op)](a, b))
-        except (ZeroDivisionError, OverflowError) as e:
-            raise CalcError(f"{type(e).__name__}: {e}")
+        return _check_size(_BINOPS[type(node.op)](a, b))
     if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
         return _COMPARE[type(node.ops[0])](_calc_node(node.left), _calc_node(node.comparators[0]))
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
@@ -156,10 +181,10 @@ def _calc_node(node):
             raise CalcError("abs takes one argument")
         if node.func.id == "round" and len(args) > 2:
             raise CalcError("round takes one or two arguments")
-        try:
-            return _check_size(_FUNCS[node.func.id](*args))
-        except (TypeError, ValueError, OverflowError) as e:
-            raise CalcError(str(e))
+        # round(1, -10**7) would build 10**(10**7): bound the digits like every other size
+        if node.func.id == "round" and len(args) == 2 and (type(args[1]) is not int or abs(args[1]) > _MAX_DIGITS):
+            raise CalcError(f"round digits must be an integer within ±{_MAX_DIGITS}")
+        return _check_size(_FUNCS[node.func.id](*args))
     raise CalcError(f"unsupported syntax: {type(node).__name__}")
 
 
@@ -238,18 +263,25 @@ class TextTool(Callee):
         return Reply(OK, result, self.latency, self.cost)
 
 
-# The child's first code: limits, then the audit hook, then the user's code (read from stdin).
-_PYTHON_PRELUDE = r'''
+# The child's first code: limits, then (as root) the drop to the call's own uid, then the audit
+# hook, then the user's code (read from stdin). Limits are set before the drop: root may set any
+# hard limit, and the unprivileged user can never raise it again.
+_PYTHON_PRELUDE = r"""
 import ast, json, os, resource, sys, traceback
-tmp, roots, mem, cpu, fsize = json.loads(sys.argv[1])
+tmp, roots, mem, cpu, fsize, nproc, uid = json.loads(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+if uid:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 src = sys.stdin.read()
 _realpath, _fsdecode = os.path.realpath, os.fsdecode
 DENY = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
         "os.forkpty", "os.kill", "os.killpg", "socket.connect", "socket.bind", "socket.__new__",
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook", "sys._getframe",
+        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "sys.addaudithook",
         "resource.setrlimit", "os.putenv", "os.chroot"}
 WRITES = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
           "os.symlink", "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move",
@@ -282,13 +314,71 @@ try:
     tree = ast.parse(src, "<task>")
     scope = {"__name__": "__main__"}
     if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr):  # REPL style: show the value
-        print(eval(compile(ast.Expression(tree.body[0].value), "<task>", "eval"), scope))
+        value = eval(compile(ast.Expression(tree.body[0].value), "<task>", "eval"), scope)
+        if value is not None:
+            print(value)
     else:
         exec(compile(tree, "<task>", "exec"), scope)
 except BaseException:
     traceback.print_exc(limit=2)
     sys.exit(1)
-'''
+"""
+
+BWRAP_MISSING = ("the Python runner needs bubblewrap (bwrap) for its sandbox and it is not "
+                 "installed: apt-get install bubblewrap")
+_warned_no_bwrap = False
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def _sandbox_command(bwrap: str, prelude_args: str, tmp_bytes: int) -> list[str]:
+    """The bwrap command line that runs the prelude with only the interpreter, its standard
+    library and the system's shared libraries visible, read-only."""
+    exe = os.path.realpath(sys.executable)
+    paths = sysconfig.get_paths()
+    binds = [exe, paths["stdlib"], paths["platstdlib"]]
+    libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+    if os.path.isfile(libpython):
+        binds.append(libpython)
+    args = [bwrap, "--die-with-parent", "--new-session", "--clearenv", "--setenv", "LANG", "C.UTF-8"]
+    if os.geteuid() == 0:
+        # No user namespace: in one made by root the sandbox's uid would still be root to the
+        # kernel, which ignores RLIMIT_NPROC for root. The prelude drops to its own uid instead,
+        # with the only two capabilities it needs for that.
+        args += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                 "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-all"]
+    for d in ("/usr/lib", "/usr/lib64", "/lib", "/lib64"):     # shared libraries (merged /usr or not)
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            binds.append(d)
+    for b in dict.fromkeys(binds):
+        args += ["--ro-bind", b, b]
+    # third-party packages would be readable through the binds above: hide them under empty dirs
+    for d in dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]):
+        if os.path.isdir(d) and any(_within(d, b) for b in binds):
+            args += ["--tmpfs", d]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    # bwrap makes the folders above the binds (e.g. /root for a pyenv interpreter) private to
+    # root; the dropped uid must be able to walk through them
+    made = {a for b in binds for a in _ancestors(b) if not any(_within(a, c) for c in binds)}
+    for a in sorted(made):
+        args += ["--chmod", "0755", a]
+    return args + [exe, "-I", "-S", "-c", _PYTHON_PRELUDE, prelude_args]
+
+
+def _within(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 @dataclass
@@ -297,38 +387,59 @@ class PythonRunner(Callee):
     memory_mb: int = 256
     wall_seconds: float = 5.0
     output_chars: int = 2000
+    max_processes: int = 16
     protected: list[str] = field(default_factory=lambda: [PROJECT_ROOT])
+    allow_unsandboxed_python: bool = False   # weak mode without bwrap: audit hook and rlimits only
     virtual_clock: ClassVar[bool] = False
+
+    def __post_init__(self):
+        global _warned_no_bwrap
+        if bwrap_path() is None and not _warned_no_bwrap:
+            _warned_no_bwrap = True
+            then = ("it runs code WITHOUT the sandbox (allow_unsandboxed_python)" if self.allow_unsandboxed_python
+                    else "until then its calls fail with EXEC_ERR")
+            warnings.warn(f"python callee {self.name!r}: {BWRAP_MISSING}; {then}")
 
     def run(self, task, rng, timeout):
         start = time.perf_counter()
+        bwrap = bwrap_path()
+        if bwrap is None and not self.allow_unsandboxed_python:
+            return Reply(EXEC_ERR, BWRAP_MISSING, 0.0, self.cost)
         wall = max(0.1, min(timeout, self.wall_seconds))
         roots = [os.path.realpath(p) for p in self.protected]
-        with tempfile.TemporaryDirectory(prefix="pyrun-") as tmp:
-            tmp = os.path.realpath(tmp)
-            limits = json.dumps([tmp, roots, self.memory_mb << 20, self.cpu_seconds, 1 << 20])
-            out_path = os.path.join(tmp, ".output")
-            with open(out_path, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, limits],
-                                        stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                        cwd=tmp, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                        start_new_session=True)
-                try:
-                    proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    _kill_group(proc)
-            with open(out_path, "rb") as f:
-                text = f.read(self.output_chars * 4).decode("utf-8", "replace")[: self.output_chars].strip()
+        limits = [self.memory_mb << 20, self.cpu_seconds, 1 << 20, self.max_processes]
+        with tempfile.TemporaryDirectory(prefix="pyrun-") as host_tmp, tempfile.TemporaryFile() as out:
+            if bwrap:
+                # a fresh uid per call: the process limit then counts this call's processes only
+                uid = 100000 + secrets.randbelow(1 << 20) if os.geteuid() == 0 else 0
+                cmd = _sandbox_command(bwrap, json.dumps(["/tmp", roots, *limits, uid]), 16 << 20)
+            else:
+                host_tmp = os.path.realpath(host_tmp)
+                cmd = [sys.executable, "-I", "-S", "-c", _PYTHON_PRELUDE, json.dumps([host_tmp, roots, *limits, 0])]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=host_tmp, env={"LANG": "C.UTF-8"},
+                                    start_new_session=True)
+            try:
+                proc.communicate(task.encode("utf-8", "replace"), timeout=wall)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # bwrap's init dies with it (--die-with-parent), and with the init its whole PID
+                # namespace: every process the code started, setsid() or not
+                _kill_group(proc)
+            out.seek(0)
+            text = out.read(self.output_chars * 4).decode("utf-8", "replace")[: self.output_chars].strip()
         latency = time.perf_counter() - start
-        if timed_out or proc.returncode == -signal.SIGXCPU:
+        code = proc.returncode
+        if bwrap and code > 128:     # bwrap reports a child killed by signal N as exit 128 + N
+            code = 128 - code
+        if timed_out or code == -signal.SIGXCPU:
             return Reply(TIMEOUT, "time limit exceeded", latency, self.cost)
-        if proc.returncode != 0:
-            reason = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
-            if proc.returncode < 0:
-                reason = f"killed by signal {signal.Signals(-proc.returncode).name} (resource limit)"
+        if code != 0:
+            reason = text.splitlines()[-1] if text else f"exit status {code}"
+            if code < 0:
+                reason = f"killed by signal {signal.Signals(-code).name} (resource limit)"
             return Reply(EXEC_ERR, reason[:300], latency, self.cost)
         return Reply(OK, text, latency, self.cost)
 
@@ -392,7 +503,13 @@ def plausible_wrong(answer: str, world: World | None, rng: random.Random) -> str
 
 @dataclass
 class HttpAgent(Callee):
-    """Any OpenAI-compatible /v1/chat/completions endpoint, standard library only."""
+    """Any OpenAI-compatible /v1/chat/completions endpoint, standard library only.
+
+    The call's deadline bounds the whole request (connect, send, status, headers, body), not each
+    socket read: a small HTTP/1.1 client sets the socket's timeout to the time left before every
+    operation, so a server that drips one byte at a time cannot hold the call past its deadline,
+    and the thread running the call ends by itself. Replies are bounded (headers, body size) and
+    a malformed one raises, which the executor turns into EXEC_ERR."""
     url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
     api_key_env: str = ""            # name of the environment variable holding the key, if any
@@ -408,30 +525,143 @@ class HttpAgent(Callee):
         headers = {"Content-Type": "application/json"}
         if self.api_key_env and os.environ.get(self.api_key_env):
             headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
-        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
 
         def reply(status, text):
             return Reply(status, text, time.perf_counter() - start, self.cost)
         try:
-            with urllib.request.urlopen(request, timeout=max(0.01, timeout)) as response:
-                raw = response.read(1 << 20)
-        except urllib.error.HTTPError as e:
-            return reply(EXEC_ERR, f"HTTP {e.code} {e.reason}")
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (socket.timeout, TimeoutError)):
-                return reply(TIMEOUT, "")
-            return reply(EXEC_ERR, f"connection failed: {e.reason}")
-        except (socket.timeout, TimeoutError):
+            status, reason, raw = http_post(self.url.rstrip("/") + "/chat/completions", body, headers,
+                                            time.monotonic() + max(0.01, timeout))
+        except TimeoutError:
             return reply(TIMEOUT, "")
-        except (OSError, ValueError) as e:
-            return reply(EXEC_ERR, f"request failed: {type(e).__name__}")
+        if status != 200:
+            return reply(EXEC_ERR, f"HTTP {status} {reason}"[:200])
         try:
-            text = json.loads(raw)["choices"][0]["message"]["content"]
+            text = json.loads(raw.decode("utf-8", "replace"))["choices"][0]["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # deep nesting too
             return reply(EXEC_ERR, "bad JSON in the reply")
         return reply(OK, text.strip())
+
+
+MAX_REPLY_BYTES = 1 << 20
+_MAX_HEADERS, _MAX_LINE = 100, 8192
+
+
+class HttpError(ValueError):
+    pass
+
+
+def http_post(url: str, body: bytes, headers: dict, deadline: float) -> tuple[int, str, bytes]:
+    """POST and read the whole reply by `deadline` (time.monotonic()): (status, reason, body).
+    Raises TimeoutError past the deadline, HttpError for a malformed or oversized reply, OSError
+    for network failures. Name resolution is the one step the deadline cannot interrupt (it is
+    bounded by the system resolver's own timeout); numeric addresses skip it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpError(f"unsupported URL {url[:80]!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}",
+            "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    with socket.create_connection((parts.hostname, port), timeout=_left(deadline)) as raw_sock:
+        sock = raw_sock
+        if parts.scheme == "https":
+            sock.settimeout(_left(deadline))
+            sock = ssl.create_default_context().wrap_socket(raw_sock, server_hostname=parts.hostname)
+        reader = _Reader(sock, deadline)
+        sock.settimeout(_left(deadline))
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        while True:
+            status_line = reader.line()
+            m = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: (.*))?", status_line.rstrip(b"\r\n"))
+            if not m:
+                raise HttpError(f"garbage status line {status_line[:40]!r}")
+            fields = reader.headers()
+            if not 100 <= int(m.group(1)) < 200:       # skip "100 Continue" and the like
+                break
+        status, reason = int(m.group(1)), (m.group(2) or b"").decode("latin-1")
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            return status, reason, reader.chunked()
+        if "content-length" in fields:
+            length = fields["content-length"]
+            if not length.isdigit():
+                raise HttpError(f"bad Content-Length {length[:20]!r}")
+            if int(length) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+            return status, reason, reader.exactly(int(length))
+        return status, reason, reader.until_closed()
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _Reader:
+    """Buffered reads from a socket, each one bounded by the time left before the deadline."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline, self.buf = sock, deadline, bytearray()
+
+    def _fill(self) -> bool:
+        self.sock.settimeout(_left(self.deadline))
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        while (end := self.buf.find(b"\n")) < 0:
+            if len(self.buf) > _MAX_LINE:
+                raise HttpError("reply line too long")
+            if not self._fill():
+                raise HttpError("connection closed in the middle of the reply head")
+        if end > _MAX_LINE:
+            raise HttpError("reply line too long")
+        line, self.buf = bytes(self.buf[:end + 1]), self.buf[end + 1:]
+        return line
+
+    def headers(self) -> dict[str, str]:
+        fields = {}
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.line().rstrip(b"\r\n")
+            if not line:
+                return fields
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise HttpError(f"malformed header {line[:40]!r}")
+            fields[name.strip().lower()] = value.strip()
+        raise HttpError(f"more than {_MAX_HEADERS} headers")
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise HttpError("connection closed before the reply ended")
+        data, self.buf = bytes(self.buf[:n]), self.buf[n:]
+        return data
+
+    def until_closed(self) -> bytes:
+        while self._fill():
+            if len(self.buf) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+        return bytes(self.buf)
+
+    def chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size = self.line().split(b";")[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
+                raise HttpError(f"bad chunk size {size[:20]!r}")
+            if int(size, 16) == 0:
+                self.headers()                          # trailers, up to the final empty line
+                return bytes(body)
+            if len(body) + int(size, 16) > MAX_REPLY_BYTES:
+                raise HttpError("reply too large")
+            body += self.exactly(int(size, 16))
+            if self.line().strip():
+                raise HttpError("chunk not followed by CRLF")
 
 
 # ---------------------------------------------------------------- pools
