@@ -192,8 +192,7 @@ class Engine:
         A = len(rows)
         start = self.suffix_len[rows]  # suffix slot of each row's first new token
         used = int((start + n_real).max())  # suffix slots any row can see after this pass
-        if used > self.max_suffix_len:
-            raise RuntimeError(f"a branch would exceed max_suffix_len={self.max_suffix_len}")
+        assert used <= self.max_suffix_len, "callers check the room first"
         offsets = torch.arange(T, device=self.device)
         group = self.group_of[rows]
         r0 = int(rows[0])
@@ -252,21 +251,31 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------
 
+    def room(self, branch: int) -> int:
+        """Tokens this branch's suffix can still take (its pending stop token already counted)."""
+        return self.max_suffix_len - int(self.suffix_len[branch]) - len(self.unfed[branch])
+
     def append(self, branch_tokens: dict[int, list[int]]) -> None:
-        """Continue chosen branches with given tokens (e.g. a state message), in one chunked pass.
+        """Continue chosen branches with given tokens (e.g. a state message).
 
         A branch's pending stop token is fed first, so its suffix holds its full history.
+        Uneven lengths run as a few passes of similar lengths (`pack_by_length`), not one pass
+        padded to the longest.
         """
+        over = {b: len(t) for b, t in branch_tokens.items() if len(t) > self.room(b)}
+        if over:  # checked before any pass, so a refused append changes nothing
+            raise RuntimeError(f"appending {over} (branch: tokens) would exceed max_suffix_len="
+                               f"{self.max_suffix_len}; room: {[self.room(b) for b in over]}")
         items = [(b, self.unfed[b] + list(t)) for b, t in branch_tokens.items() if self.unfed[b] or t]
-        if not items:
-            return
-        T = max(len(t) for _, t in items)
-        ids = torch.zeros(len(items), T, dtype=torch.long, device=self.device)
-        for i, (b, t) in enumerate(items):
-            ids[i, : len(t)] = torch.tensor(t)
-        rows = torch.tensor([b for b, _ in items], device=self.device)
-        n_real = torch.tensor([len(t) for _, t in items], device=self.device)
-        self.next_logits[rows] = self._forward_suffix(rows, ids, n_real)
+        for chunk in pack_by_length([len(t) for _, t in items]):
+            chunk = sorted(chunk, key=lambda i: items[i][0])  # branch order keeps the cheap fold
+            T = max(len(items[i][1]) for i in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long, device=self.device)
+            for row, i in enumerate(chunk):
+                ids[row, : len(items[i][1])] = torch.tensor(items[i][1])
+            rows = torch.tensor([items[i][0] for i in chunk], device=self.device)
+            n_real = torch.tensor([len(items[i][1]) for i in chunk], device=self.device)
+            self.next_logits[rows] = self._forward_suffix(rows, ids, n_real)
         for b, t in branch_tokens.items():
             self.tokens[b] += list(t)
             self.logprobs[b] += [None] * len(t)
@@ -279,16 +288,18 @@ class Engine:
         `max_new_tokens` overrides `params.max_new_tokens` for the branches it names.
         """
         branches = list(range(self.num_branches)) if branches is None else list(branches)
-        limit = {b: (max_new_tokens or {}).get(b, params.max_new_tokens) for b in branches}
-        self.append({b: [] for b in branches if self.unfed[b]})  # a stopped branch goes on
+        # A branch also stops where its suffix room ends: every token it generates has a slot
+        # (the last one is fed only when the branch goes on), so the engine stays consistent.
+        limit = {b: min((max_new_tokens or {}).get(b, params.max_new_tokens), self.room(b)) for b in branches}
+        self.append({b: [] for b in branches if self.unfed[b] and limit[b] > 0})  # a stopped branch goes on
         if params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need the engine's `decode` function")
         stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
         tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
         new = {b: [] for b in branches}
         new_lp = {b: [] for b in branches}
-        done: dict[int, str] = {}
-        active = torch.tensor(branches, dtype=torch.long, device=self.device)
+        done = {b: "length" for b in branches if limit[b] <= 0}
+        active = torch.tensor([b for b in branches if b not in done], dtype=torch.long, device=self.device)
         while len(active):
             logits = self.next_logits[active]
             token = sample_tokens(logits, params.temperature, params.top_p, generator)
@@ -317,6 +328,24 @@ class Engine:
             self.tokens[b] += new[b]
             self.logprobs[b] += new_lp[b]
         return [Completion(b, new[b], new_lp[b], done[b]) for b in branches]
+
+
+def pack_by_length(lengths: list[int], pass_cost: int = 32) -> list[list[int]]:
+    """Split items into passes that each pad to their own longest item: sorted by length, cut
+    where padded tokens + `pass_cost` (a pass's fixed cost, in tokens) summed over passes is
+    least (exact, by dynamic programming over the cut points). Returns lists of item indices."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):  # best[j]: cost of the j shortest items
+        for i in range(j):  # the last pass holds sorted items i..j-1, padded to item j-1
+            cost = best[i] + pass_cost + (j - i) * lengths[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], len(order)
+    while j:
+        passes.append(order[cut[j]:j])
+        j = cut[j]
+    return passes[::-1]
 
 
 def token_logprobs(model: Transformer, input_ids: torch.Tensor) -> torch.Tensor:
