@@ -26,6 +26,7 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import cli
@@ -54,6 +55,8 @@ class InferOptions:
     temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
     max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
     batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine", "run")
+    max_suffix_len: int = cli.field(2048, "tokens a checkpoint policy's episode may add after its prompt; "
+                                    "a longer episode ends as truncated", "run")
 
 
 def _fields(cls):
@@ -90,10 +93,13 @@ def latest_checkpoint(runs_dir: str = "runs") -> str | None:
 
 
 def play_episodes(policy: str, episodes: list[Episode], indices: list[int], device: str = "auto",
-                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16) -> None:
+                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16,
+                  max_suffix_len: int = 2048) -> None:
     """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
     them); a checkpoint folder is loaded once and plays `batch` episodes at a time on one engine
-    (policy.play_batch: all unfinished episodes decode together, identical prompts share KV)."""
+    (policy.play_batch: all unfinished episodes decode together, identical prompts share KV;
+    an episode longer than `max_suffix_len` tokens ends as truncated). Checkpoint play reports
+    its progress on stderr, a line per turn."""
     if not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
             play(episode, scripted_policy(policy, episode.task, index))
@@ -104,8 +110,16 @@ def play_episodes(policy: str, episodes: list[Episode], indices: list[int], devi
     model = ModelPolicy.load(policy, device=device)
     params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
     generator = torch.Generator(device).manual_seed(seed)
+    start, tokens = time.perf_counter(), 0
     for k in range(0, len(episodes), batch):
-        play_batch(model, episodes[k:k + batch], params, generator=generator)
+        def progress(turn, active, new_tokens):
+            nonlocal tokens
+            tokens += new_tokens
+            elapsed = time.perf_counter() - start
+            done = k + min(batch, len(episodes) - k) - active
+            print(f"play: episodes {done}/{len(episodes)} done, turn {turn} of this batch, {tokens} tokens, "
+                  f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
+        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=progress)
 
 
 # ---------------------------------------------------------------- pools
@@ -126,12 +140,12 @@ def pool_for_episode(pool: str, world, seed, index: int):
 
 def evaluate(policy: str, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
-             max_new_tokens: int = 256, batch: int = 16) -> dict:
+             max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048) -> dict:
     world = world_for_split(split)
     tasks = make_tasks(split, n, seed, world)
     episodes = [Episode(task, pool_for_episode(pool, world, seed, i), env_config, reward_config, seed=f"{seed}:{i}")
                 for i, task in enumerate(tasks)]
-    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch)
+    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     return summarize(results, wide_latency) | {"policy": policy, "pool": pool, "split": split, "n": n, "seed": seed}
@@ -153,6 +167,7 @@ def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
         "redundant_calls": mean(r.redundant_calls for r in results),
         "parse_errors": mean(r.parse_errors for r in results),
         "tokens": mean(r.tokens for r in results),
+        "truncated": mean(r.truncated for r in results),
         "reward": mean(r.reward for r in results),
         "reward_terms": {k: mean(r.rewards[k] for r in results) for k in results[0].rewards} if results else {},
     }
@@ -162,7 +177,8 @@ def print_summary(s: dict) -> None:
     print(f"policy {s['policy']}  pool {s['pool']}  split {s['split']}  n {s['n']}  seed {s['seed']}")
     print(f"success {s['success']:.3f}  protocol {s['protocol']:.3f}  rounds {s['rounds']:.2f}  "
           f"latency {s['latency']:.2f}s (tasks with >=3 parallel subtasks: {s['latency_width3']:.2f}s, "
-          f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}")
+          f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}  "
+          f"truncated {s['truncated']:.3f}")
     print("reward terms: " + "  ".join(f"{k} {v:+.4f}" for k, v in s["reward_terms"].items()))
 
 
@@ -213,6 +229,8 @@ def print_trace(episode: Episode) -> None:
             after = f"  (starts at {c.start:.2f}s)" if c.start else ""
             print(f"  {branch} [{c.id}] {c.to:<10} {c.status:<9} {c.latency:5.2f}s  cost {c.cost:.4f}  "
                   f"{c.task!r} -> {c.text[:60]!r}{after}")
+    if episode.truncated:
+        print(f"truncated: {episode.truncated} (raise --max-suffix-len, or lower --max-new-tokens / --max-turns)")
     mark = ("correct" if result.success else "wrong") if t.answer else "no gold answer"
     print(f"answer: {episode.answer!r} ({mark})  rounds {result.rounds}  latency {result.latency:.2f}s  "
           f"cost {result.cost:.4f}  reward {result.reward:.3f}")
@@ -226,7 +244,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
     episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
                       env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
     play_episodes(policy, [episode], [config.task_index], config.device, config.temperature,
-                  config.max_new_tokens, config.seed)
+                  config.max_new_tokens, config.seed, max_suffix_len=config.max_suffix_len)
     print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
     if not config.json:
         print_trace(episode)
@@ -241,7 +259,7 @@ def run(config) -> int:
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
-                           config.batch_episodes)
+                           config.batch_episodes, config.max_suffix_len)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)

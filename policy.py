@@ -389,14 +389,14 @@ class Policy:
         """What follows a finished assistant turn (whose end token is pending): the new user
         message(s), then the opening of the next assistant turn."""
         messages = [{"role": "user", "content": new}] if isinstance(new, str) else new
-        return self.tokenizer.encode("\n" + self.tokenizer.render_chat(messages))
+        return self.tokenizer.encode("\n" + self.tokenizer.render_turns(messages))
 
     def answer_batch(self, system_prompt: str, tasks: list[str], max_new_tokens: int = 64) -> list[str]:
         """Greedy replies to several user messages under one system prompt, as parallel
         branches of one shared prefix (the local LLM agent's round of subtasks)."""
-        render = self.tokenizer.render_chat
-        prefix = self.tokenizer.encode(render([{"role": "system", "content": system_prompt}], False))
-        questions = [self.tokenizer.encode(render([{"role": "user", "content": t}])) for t in tasks]
+        tok = self.tokenizer
+        prefix = tok.encode(tok.render_chat([{"role": "system", "content": system_prompt}], False))
+        questions = [tok.encode(tok.render_turns([{"role": "user", "content": t}])) for t in tasks]
         engine = self.engine([prefix], len(tasks), max(map(len, questions)) + max_new_tokens + 1)
         engine.append(dict(enumerate(questions)))
         return [self.reply_text(c) for c in engine.generate(self.chat_params(0.0, max_new_tokens=max_new_tokens))]
@@ -412,7 +412,7 @@ class Policy:
 
 
 def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffix_len: int = 2048,
-               generator=None) -> tuple[Engine, list[int]]:
+               generator=None, min_turn_room: int = 32, on_turn=None) -> tuple[Engine, list[int]]:
     """Drive several episodes to the end at once, one engine branch per episode.
 
     An episode is anything with `messages` (the conversation so far), `step(text, n_tokens)`
@@ -421,6 +421,12 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     samples of one task and pool) become branches of ONE prefix group, so their prompt's KV is
     computed and stored once; every turn, all unfinished episodes decode in the same steps, and
     each state message is appended to its own branch.
+
+    An episode that outgrows its branch's room (`max_suffix_len` tokens after the prompt) ends
+    as truncated, through its `truncate(reason)` if it has one (else it is only left unplayed):
+    when a turn is cut by the room's end (that turn is not played), or when its state message
+    would not leave the next turn `min_turn_room` tokens. `on_turn(turn, active, new_tokens)`,
+    if given, is called after each turn (progress reports).
 
     Returns the engine and each episode's branch: `engine.tokens[b]` is that episode's whole
     token history after its prompt, `engine.logprobs[b]` the log-probs of the generated tokens
@@ -432,17 +438,36 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
         groups.setdefault(key, []).append(i)
     order = [i for members in groups.values() for i in members]  # branch b plays episodes[order[b]]
     engine = policy.engine([list(key) for key in groups], [len(m) for m in groups.values()], max_suffix_len)
+    min_turn_room = min(min_turn_room, params.max_new_tokens)
+
+    def truncate(episode, reason):
+        if hasattr(episode, "truncate"):
+            episode.truncate(reason)
+
     active = [b for b, i in enumerate(order) if not episodes[i].done]
+    turn = 0
     while active:
         states = {}
-        for c in engine.generate(params, branches=active, generator=generator):
+        completions = engine.generate(params, branches=active, generator=generator)
+        for c in completions:
             episode = episodes[order[c.branch]]
+            if c.stop_reason == "length" and len(c.token_ids) < params.max_new_tokens:
+                truncate(episode, f"turn cut at the end of the engine's room ({engine.max_suffix_len} tokens)")
+                continue
             state = episode.step(policy.reply_text(c), n_tokens=len(c.token_ids))
-            if state is not None:
-                end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
-                states[c.branch] = end + policy.next_turn_tokens(state)
+            if state is None:
+                continue
+            end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
+            tokens = end + policy.next_turn_tokens(state)
+            if len(tokens) + min_turn_room > engine.room(c.branch):
+                truncate(episode, f"no room left for the next turn ({engine.max_suffix_len} tokens)")
+            else:
+                states[c.branch] = tokens
         engine.append(states)
         active = list(states)
+        turn += 1
+        if on_turn is not None:
+            on_turn(turn, len(active), sum(len(c.token_ids) for c in completions))
     branch_of = [0] * len(episodes)
     for b, i in enumerate(order):
         branch_of[i] = b
