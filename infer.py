@@ -33,7 +33,7 @@ import cli
 from baselines import SCRIPTED, scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
 from tasks import SPLITS, Task, graph_width, make_tasks, world_for_split
-from tools import POOLS_DIR, load_pool, read_pool_spec
+from tools import POOLS_DIR, PoolError, load_pool, read_pool_spec
 
 
 @dataclass
@@ -236,8 +236,44 @@ def print_trace(episode: Episode) -> None:
           f"cost {result.cost:.4f}  reward {result.reward:.3f}")
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
+
+
+def validate(config) -> None:
+    """Refuse bad input at the start, before any work: a cli.UsageError, printed as one line."""
+    check = cli.check
+    check(config.split in SPLITS, f"--split {config.split!r}: expected one of {', '.join(SPLITS)}")
+    for flag in ("n", "batch_episodes", "max_new_tokens", "max_suffix_len"):
+        value = getattr(config, flag)
+        check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check(config.task_index >= 0, f"--task-index must be 0 or more (got {config.task_index})")
+    check(0.0 <= config.failure_rate <= 1.0, f"--failure-rate is a probability, in [0, 1] (got {config.failure_rate})")
+    world = world_for_split(config.split)
+    names = unseen_pool_names() if config.pool == "unseen" else [config.pool]
+    try:
+        specs = [read_pool_spec(name) for name in names]
+        pools = [load_pool(name, world, random.Random(config.seed)) for name in names]
+    except PoolError as e:
+        raise cli.UsageError(f"--pool: {e}") from None
+    policy = config.policy
+    if "/" in policy or os.sep in policy or os.path.exists(policy):
+        check(os.path.exists(policy), f"--policy {policy}: the path does not exist (a checkpoint folder was expected)")
+        check(os.path.isfile(os.path.join(policy, "config.json")),
+              f"--policy {policy}: not a checkpoint folder (no config.json in it)")
+    elif policy.startswith("single:"):
+        callee = policy.split(":", 1)[1]
+        if any(spec.get("family") for spec in specs):
+            check(callee == "best", f"--policy {policy}: with --pool {config.pool} (a randomized family, callee "
+                                    "names drawn anew per episode) the valid form is single:best")
+        for pool in pools:
+            check(callee == "best" or pool.get(callee) is not None,
+                  f"--policy {policy}: pool {pool.name} has no callee {callee!r}; its callees: "
+                  f"{', '.join(c.name for c in pool.callees)} (or single:best)")
+    else:
+        check(policy in SCRIPTED, f"--policy {policy!r}: not a scripted policy ({', '.join(SCRIPTED)}, "
+                                  "single:<callee>) nor a checkpoint folder")
 
 
 def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:
@@ -252,6 +288,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
 
 
 def run(config) -> int:
+    validate(config)
     cli.log_config(config)
     env_config, reward_config = sub_config(EnvConfig, config), sub_config(RewardConfig, config)
     if config.table:
