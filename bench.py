@@ -127,8 +127,25 @@ def decode_floor(config: M.ModelConfig, P, G, mode, dtype, limits) -> float:
     return max(bytes_read / (limits["read_bandwidth_gb_s"] * 1e9), flops / (limits["matmul_gflop_s"] * 1e9))
 
 
+MODES = ("shared", "copied", "hf")
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Refuse bad flags before measuring anything (a cli.UsageError, printed as one line)."""
+    for flag, values, known in (("modes", cfg.modes, MODES), ("presets", cfg.presets, tuple(M.PRESETS))):
+        unknown = [v for v in values if v not in known]
+        cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
+    for flag in ("prefix_lens", "branches"):
+        values = getattr(cfg, flag)
+        cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
+    for flag in ("new_tokens", "repeats", "tiny_vocab"):
+        cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
+
+
+@cli.entry_point
 def main(argv=None):
     cfg = cli.parse_config(BenchConfig, argv, __doc__.splitlines()[0])
+    validate(cfg)
     cli.log_config(cfg)
     torch.manual_seed(cfg.seed)
     dtype = M.default_dtype(cfg.device)
@@ -183,6 +200,7 @@ def main(argv=None):
         print(json.dumps({"machine": limits, "device": cfg.device, "rows": rows}, indent=1))
     else:
         print_table(rows, limits, cfg.device)
+    return 0
 
 
 def add_ratios(rows):
@@ -216,4 +234,4 @@ def print_table(rows, limits, device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

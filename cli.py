@@ -7,6 +7,7 @@ field is a new flag with no second place to edit. Booleans become `--flag/--no-f
 """
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -64,3 +65,26 @@ def parse_config(config_cls, argv=None, description: str = ""):
 def log_config(config, stream=sys.stderr) -> None:
     """Print the exact config a run uses, one line, so logs say what produced them."""
     print("config " + json.dumps(dataclasses.asdict(config), sort_keys=True, default=str), file=stream)
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a flag's value, a file): `entry_point` prints it as one line."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Validate one input at a run's start: refuse it, in one line, before any work."""
+    if not condition:
+        raise UsageError(message)
+
+
+def entry_point(main):
+    """Wrap an entry point's `main(argv)`: a UsageError becomes one line on stderr and exit
+    status 2 (argparse's status for bad flags), never a traceback."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UsageError as e:
+            print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+            return 2
+    return wrapped

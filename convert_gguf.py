@@ -30,6 +30,7 @@ Design choices, and why:
 
 import importlib.util
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,7 +246,10 @@ def convert(gguf_path, out_dir) -> Path:
     """Read `gguf_path`, write an HF-layout checkpoint folder at `out_dir`, return its path."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except (ValueError, IndexError, KeyError, OSError) as e:  # a truncated or corrupt file
+        raise cli.UsageError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = read_metadata(reader)
     config = hf_config(meta, {t.name for t in reader.tensors})
     tensors = convert_tensors(reader, config)
@@ -263,13 +267,24 @@ class ConvertConfig:
     out: str = cli.field(DEFAULT_OUT, "checkpoint folder to write", "input / output")
 
 
+def check_gguf_file(path: Path) -> None:
+    """A missing or non-GGUF input is a one-line usage error, before anything is read or written."""
+    cli.check(path.is_file(), f"--gguf {path}: no such file" if not path.exists() else f"--gguf {path}: not a file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    cli.check(magic == b"GGUF", f"--gguf {path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+@cli.entry_point
 def main(argv=None):
     cfg = cli.parse_config(ConvertConfig, argv, "Convert a llama GGUF file into an HF-layout checkpoint folder.")
-    cli.log_config(cfg)
     gguf_path = Path(cfg.gguf) if cfg.gguf else default_gguf_path()
+    check_gguf_file(gguf_path)
+    cli.log_config(cfg)
     out = convert(gguf_path, Path(cfg.out))
     print(f"wrote {out} from {gguf_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -476,6 +476,7 @@ class EpisodeResult:
     decomposition: list[str]
     composition: str
     difficulty: int
+    truncated: bool = False        # ended by the policy's room (context), not by the protocol
     rewards: dict = field(default_factory=dict)
     reward: float = 0.0
 
@@ -501,6 +502,7 @@ class Episode:
         self.history: dict[str, CallResult] = {}
         self.rounds: list[Round] = []
         self.done, self.answer = False, None
+        self.truncated = ""  # why the episode was cut short (see `truncate`), "" if it was not
         self.elapsed = self.cost = 0.0
         self.turns = self.tokens = self.parse_errors = self.outside_turns = 0
         self._ok_calls: set = set()
@@ -540,6 +542,11 @@ class Episode:
             return None
         return state
 
+    def truncate(self, reason: str) -> None:
+        """End the episode without an answer because the policy cannot go on (e.g. its context
+        is full): scored as unanswered, and counted apart in results as truncated."""
+        self.done, self.truncated = True, reason or "truncated"
+
     def _mark_redundant(self, results: list[CallResult]) -> None:
         this_turn = set()
         for r in results:
@@ -565,7 +572,7 @@ class Episode:
             tokens=self.tokens,
             protocol_ok=self.parse_errors == 0 and self.outside_turns == 0 and self.answer is not None,
             decomposition=decomposition, composition=self.task.composition,
-            difficulty=self.task.difficulty)
+            difficulty=self.task.difficulty, truncated=bool(self.truncated))
         res.rewards = episode_rewards(res, self.reward_config)
         res.reward = sum(res.rewards.values())
         return res

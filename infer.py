@@ -26,13 +26,14 @@ import json
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import cli
 from baselines import SCRIPTED, scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
 from tasks import SPLITS, Task, graph_width, make_tasks, task_at, task_world, world_for_split
-from tools import POOLS_DIR, load_pool, read_pool_spec
+from tools import POOLS_DIR, PoolError, load_pool, read_pool_spec
 
 
 @dataclass
@@ -54,6 +55,8 @@ class InferOptions:
     temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
     max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
     batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine", "run")
+    max_suffix_len: int = cli.field(2048, "tokens a checkpoint policy's episode may add after its prompt; "
+                                    "a longer episode ends as truncated", "run")
 
 
 def _fields(cls):
@@ -90,11 +93,13 @@ def latest_checkpoint(runs_dir: str = "runs") -> str | None:
 
 
 def play_episodes(policy, episodes: list[Episode], indices: list[int], device: str = "auto",
-                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16) -> None:
+                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16,
+                  max_suffix_len: int = 2048, quiet: bool = False) -> None:
     """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
     them); a checkpoint folder (or an already loaded policy.Policy) plays `batch` episodes at a
     time on one engine (policy.play_batch: all unfinished episodes decode together, identical
-    prompts share KV)."""
+    prompts share KV; an episode longer than `max_suffix_len` tokens ends as truncated).
+    Checkpoint play reports its progress on stderr, a line per turn, unless `quiet`."""
     if isinstance(policy, str) and not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
             play(episode, scripted_policy(policy, episode.task, index))
@@ -107,8 +112,16 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
         model = policy
     params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
     generator = torch.Generator(model.model.output_weight().device).manual_seed(seed)
+    start, tokens = time.perf_counter(), 0
     for k in range(0, len(episodes), batch):
-        play_batch(model, episodes[k:k + batch], params, generator=generator)
+        def progress(turn, active, new_tokens):
+            nonlocal tokens
+            tokens += new_tokens
+            elapsed = time.perf_counter() - start
+            done = k + min(batch, len(episodes) - k) - active
+            print(f"play: episodes {done}/{len(episodes)} done, turn {turn} of this batch, {tokens} tokens, "
+                  f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
+        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress)
 
 
 # ---------------------------------------------------------------- pools
@@ -129,12 +142,13 @@ def pool_for_episode(pool: str, world, seed, index: int):
 
 def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
-             max_new_tokens: int = 256, batch: int = 16) -> dict:
+             max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False) -> dict:
     tasks = make_tasks(split, n, seed)
     episodes = [Episode(task, pool_for_episode(pool, task_world(task), seed, i), env_config, reward_config,
                         seed=f"{seed}:{i}")
                 for i, task in enumerate(tasks)]
-    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch)
+    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len,
+                  quiet)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     name = policy if isinstance(policy, str) else "model"
@@ -157,6 +171,7 @@ def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
         "redundant_calls": mean(r.redundant_calls for r in results),
         "parse_errors": mean(r.parse_errors for r in results),
         "tokens": mean(r.tokens for r in results),
+        "truncated": mean(r.truncated for r in results),
         "reward": mean(r.reward for r in results),
         "reward_terms": {k: mean(r.rewards[k] for r in results) for k in results[0].rewards} if results else {},
     }
@@ -166,7 +181,8 @@ def print_summary(s: dict) -> None:
     print(f"policy {s['policy']}  pool {s['pool']}  split {s['split']}  n {s['n']}  seed {s['seed']}")
     print(f"success {s['success']:.3f}  protocol {s['protocol']:.3f}  rounds {s['rounds']:.2f}  "
           f"latency {s['latency']:.2f}s (tasks with >=3 parallel subtasks: {s['latency_width3']:.2f}s, "
-          f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}")
+          f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}  "
+          f"truncated {s['truncated']:.3f}")
     print("reward terms: " + "  ".join(f"{k} {v:+.4f}" for k, v in s["reward_terms"].items()))
 
 
@@ -217,20 +233,58 @@ def print_trace(episode: Episode) -> None:
             after = f"  (starts at {c.start:.2f}s)" if c.start else ""
             print(f"  {branch} [{c.id}] {c.to:<10} {c.status:<9} {c.latency:5.2f}s  cost {c.cost:.4f}  "
                   f"{c.task!r} -> {c.text[:60]!r}{after}")
+    if episode.truncated:
+        print(f"truncated: {episode.truncated} (raise --max-suffix-len, or lower --max-new-tokens / --max-turns)")
     mark = ("correct" if result.success else "wrong") if t.answer else "no gold answer"
     print(f"answer: {episode.answer!r} ({mark})  rounds {result.rounds}  latency {result.latency:.2f}s  "
           f"cost {result.cost:.4f}  reward {result.reward:.3f}")
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
+
+
+def validate(config) -> None:
+    """Refuse bad input at the start, before any work: a cli.UsageError, printed as one line."""
+    check = cli.check
+    check(config.split in SPLITS, f"--split {config.split!r}: expected one of {', '.join(SPLITS)}")
+    for flag in ("n", "batch_episodes", "max_new_tokens", "max_suffix_len"):
+        value = getattr(config, flag)
+        check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check(config.task_index >= 0, f"--task-index must be 0 or more (got {config.task_index})")
+    check(0.0 <= config.failure_rate <= 1.0, f"--failure-rate is a probability, in [0, 1] (got {config.failure_rate})")
+    world = world_for_split(config.split)
+    names = unseen_pool_names() if config.pool == "unseen" else [config.pool]
+    try:
+        specs = [read_pool_spec(name) for name in names]
+        pools = [load_pool(name, world, random.Random(config.seed)) for name in names]
+    except PoolError as e:
+        raise cli.UsageError(f"--pool: {e}") from None
+    policy = config.policy
+    if "/" in policy or os.sep in policy or os.path.exists(policy):
+        check(os.path.exists(policy), f"--policy {policy}: the path does not exist (a checkpoint folder was expected)")
+        check(os.path.isfile(os.path.join(policy, "config.json")),
+              f"--policy {policy}: not a checkpoint folder (no config.json in it)")
+    elif policy.startswith("single:"):
+        callee = policy.split(":", 1)[1]
+        if any(spec.get("family") for spec in specs):
+            check(callee == "best", f"--policy {policy}: with --pool {config.pool} (a randomized family, callee "
+                                    "names drawn anew per episode) the valid form is single:best")
+        for pool in pools:
+            check(callee == "best" or pool.get(callee) is not None,
+                  f"--policy {policy}: pool {pool.name} has no callee {callee!r}; its callees: "
+                  f"{', '.join(c.name for c in pool.callees)} (or single:best)")
+    else:
+        check(policy in SCRIPTED, f"--policy {policy!r}: not a scripted policy ({', '.join(SCRIPTED)}, "
+                                  "single:<callee>) nor a checkpoint folder")
 
 
 def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:
     episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
                       env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
     play_episodes(policy, [episode], [config.task_index], config.device, config.temperature,
-                  config.max_new_tokens, config.seed)
+                  config.max_new_tokens, config.seed, max_suffix_len=config.max_suffix_len)
     print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
     if not config.json:
         print_trace(episode)
@@ -238,6 +292,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
 
 
 def run(config) -> int:
+    validate(config)
     cli.log_config(config)
     env_config, reward_config = sub_config(EnvConfig, config), sub_config(RewardConfig, config)
     if config.table:
@@ -245,7 +300,7 @@ def run(config) -> int:
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
-                           config.batch_episodes)
+                           config.batch_episodes, config.max_suffix_len)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)

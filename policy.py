@@ -192,8 +192,7 @@ class Engine:
         A = len(rows)
         start = self.suffix_len[rows]  # suffix slot of each row's first new token
         used = int((start + n_real).max())  # suffix slots any row can see after this pass
-        if used > self.max_suffix_len:
-            raise RuntimeError(f"a branch would exceed max_suffix_len={self.max_suffix_len}")
+        assert used <= self.max_suffix_len, "callers check the room first"
         offsets = torch.arange(T, device=self.device)
         group = self.group_of[rows]
         r0 = int(rows[0])
@@ -252,21 +251,31 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------
 
+    def room(self, branch: int) -> int:
+        """Tokens this branch's suffix can still take (its pending stop token already counted)."""
+        return self.max_suffix_len - int(self.suffix_len[branch]) - len(self.unfed[branch])
+
     def append(self, branch_tokens: dict[int, list[int]]) -> None:
-        """Continue chosen branches with given tokens (e.g. a state message), in one chunked pass.
+        """Continue chosen branches with given tokens (e.g. a state message).
 
         A branch's pending stop token is fed first, so its suffix holds its full history.
+        Uneven lengths run as a few passes of similar lengths (`pack_by_length`), not one pass
+        padded to the longest.
         """
+        over = {b: len(t) for b, t in branch_tokens.items() if len(t) > self.room(b)}
+        if over:  # checked before any pass, so a refused append changes nothing
+            raise RuntimeError(f"appending {over} (branch: tokens) would exceed max_suffix_len="
+                               f"{self.max_suffix_len}; room: {[self.room(b) for b in over]}")
         items = [(b, self.unfed[b] + list(t)) for b, t in branch_tokens.items() if self.unfed[b] or t]
-        if not items:
-            return
-        T = max(len(t) for _, t in items)
-        ids = torch.zeros(len(items), T, dtype=torch.long, device=self.device)
-        for i, (b, t) in enumerate(items):
-            ids[i, : len(t)] = torch.tensor(t)
-        rows = torch.tensor([b for b, _ in items], device=self.device)
-        n_real = torch.tensor([len(t) for _, t in items], device=self.device)
-        self.next_logits[rows] = self._forward_suffix(rows, ids, n_real)
+        for chunk in pack_by_length([len(t) for _, t in items]):
+            chunk = sorted(chunk, key=lambda i: items[i][0])  # branch order keeps the cheap fold
+            T = max(len(items[i][1]) for i in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long, device=self.device)
+            for row, i in enumerate(chunk):
+                ids[row, : len(items[i][1])] = torch.tensor(items[i][1])
+            rows = torch.tensor([items[i][0] for i in chunk], device=self.device)
+            n_real = torch.tensor([len(items[i][1]) for i in chunk], device=self.device)
+            self.next_logits[rows] = self._forward_suffix(rows, ids, n_real)
         for b, t in branch_tokens.items():
             self.tokens[b] += list(t)
             self.logprobs[b] += [None] * len(t)
@@ -279,16 +288,18 @@ class Engine:
         `max_new_tokens` overrides `params.max_new_tokens` for the branches it names.
         """
         branches = list(range(self.num_branches)) if branches is None else list(branches)
-        limit = {b: (max_new_tokens or {}).get(b, params.max_new_tokens) for b in branches}
-        self.append({b: [] for b in branches if self.unfed[b]})  # a stopped branch goes on
+        # A branch also stops where its suffix room ends: every token it generates has a slot
+        # (the last one is fed only when the branch goes on), so the engine stays consistent.
+        limit = {b: min((max_new_tokens or {}).get(b, params.max_new_tokens), self.room(b)) for b in branches}
+        self.append({b: [] for b in branches if self.unfed[b] and limit[b] > 0})  # a stopped branch goes on
         if params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need the engine's `decode` function")
         stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
         tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
         new = {b: [] for b in branches}
         new_lp = {b: [] for b in branches}
-        done: dict[int, str] = {}
-        active = torch.tensor(branches, dtype=torch.long, device=self.device)
+        done = {b: "length" for b in branches if limit[b] <= 0}
+        active = torch.tensor([b for b in branches if b not in done], dtype=torch.long, device=self.device)
         while len(active):
             logits = self.next_logits[active]
             token = sample_tokens(logits, params.temperature, params.top_p, generator)
@@ -317,6 +328,24 @@ class Engine:
             self.tokens[b] += new[b]
             self.logprobs[b] += new_lp[b]
         return [Completion(b, new[b], new_lp[b], done[b]) for b in branches]
+
+
+def pack_by_length(lengths: list[int], pass_cost: int = 32) -> list[list[int]]:
+    """Split items into passes that each pad to their own longest item: sorted by length, cut
+    where padded tokens + `pass_cost` (a pass's fixed cost, in tokens) summed over passes is
+    least (exact, by dynamic programming over the cut points). Returns lists of item indices."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):  # best[j]: cost of the j shortest items
+        for i in range(j):  # the last pass holds sorted items i..j-1, padded to item j-1
+            cost = best[i] + pass_cost + (j - i) * lengths[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], len(order)
+    while j:
+        passes.append(order[cut[j]:j])
+        j = cut[j]
+    return passes[::-1]
 
 
 def token_logprobs(model: Transformer, input_ids: torch.Tensor) -> torch.Tensor:
@@ -360,14 +389,14 @@ class Policy:
         """What follows a finished assistant turn (whose end token is pending): the new user
         message(s), then the opening of the next assistant turn."""
         messages = [{"role": "user", "content": new}] if isinstance(new, str) else new
-        return self.tokenizer.encode("\n" + self.tokenizer.render_chat(messages))
+        return self.tokenizer.encode("\n" + self.tokenizer.render_turns(messages))
 
     def answer_batch(self, system_prompt: str, tasks: list[str], max_new_tokens: int = 64) -> list[str]:
         """Greedy replies to several user messages under one system prompt, as parallel
         branches of one shared prefix (the local LLM agent's round of subtasks)."""
-        render = self.tokenizer.render_chat
-        prefix = self.tokenizer.encode(render([{"role": "system", "content": system_prompt}], False))
-        questions = [self.tokenizer.encode(render([{"role": "user", "content": t}])) for t in tasks]
+        tok = self.tokenizer
+        prefix = tok.encode(tok.render_chat([{"role": "system", "content": system_prompt}], False))
+        questions = [tok.encode(tok.render_turns([{"role": "user", "content": t}])) for t in tasks]
         engine = self.engine([prefix], len(tasks), max(map(len, questions)) + max_new_tokens + 1)
         engine.append(dict(enumerate(questions)))
         return [self.reply_text(c) for c in engine.generate(self.chat_params(0.0, max_new_tokens=max_new_tokens))]
@@ -383,7 +412,7 @@ class Policy:
 
 
 def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffix_len: int = 2048,
-               generator=None) -> tuple[Engine, list[int]]:
+               generator=None, min_turn_room: int = 32, on_turn=None) -> tuple[Engine, list[int]]:
     """Drive several episodes to the end at once, one engine branch per episode.
 
     An episode is anything with `messages` (the conversation so far), `step(text, n_tokens)`
@@ -392,6 +421,12 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     samples of one task and pool) become branches of ONE prefix group, so their prompt's KV is
     computed and stored once; every turn, all unfinished episodes decode in the same steps, and
     each state message is appended to its own branch.
+
+    An episode that outgrows its branch's room (`max_suffix_len` tokens after the prompt) ends
+    as truncated, through its `truncate(reason)` if it has one (else it is only left unplayed):
+    when a turn is cut by the room's end (that turn is not played), or when its state message
+    would not leave the next turn `min_turn_room` tokens. `on_turn(turn, active, new_tokens)`,
+    if given, is called after each turn (progress reports).
 
     Returns the engine and each episode's branch: `engine.tokens[b]` is that episode's whole
     token history after its prompt, `engine.logprobs[b]` the log-probs of the generated tokens
@@ -403,17 +438,36 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
         groups.setdefault(key, []).append(i)
     order = [i for members in groups.values() for i in members]  # branch b plays episodes[order[b]]
     engine = policy.engine([list(key) for key in groups], [len(m) for m in groups.values()], max_suffix_len)
+    min_turn_room = min(min_turn_room, params.max_new_tokens)
+
+    def truncate(episode, reason):
+        if hasattr(episode, "truncate"):
+            episode.truncate(reason)
+
     active = [b for b, i in enumerate(order) if not episodes[i].done]
+    turn = 0
     while active:
         states = {}
-        for c in engine.generate(params, branches=active, generator=generator):
+        completions = engine.generate(params, branches=active, generator=generator)
+        for c in completions:
             episode = episodes[order[c.branch]]
+            if c.stop_reason == "length" and len(c.token_ids) < params.max_new_tokens:
+                truncate(episode, f"turn cut at the end of the engine's room ({engine.max_suffix_len} tokens)")
+                continue
             state = episode.step(policy.reply_text(c), n_tokens=len(c.token_ids))
-            if state is not None:
-                end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
-                states[c.branch] = end + policy.next_turn_tokens(state)
+            if state is None:
+                continue
+            end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
+            tokens = end + policy.next_turn_tokens(state)
+            if len(tokens) + min_turn_room > engine.room(c.branch):
+                truncate(episode, f"no room left for the next turn ({engine.max_suffix_len} tokens)")
+            else:
+                states[c.branch] = tokens
         engine.append(states)
         active = list(states)
+        turn += 1
+        if on_turn is not None:
+            on_turn(turn, len(active), sum(len(c.token_ids) for c in completions))
     branch_of = [0] * len(episodes)
     for b, i in enumerate(order):
         branch_of[i] = b

@@ -11,8 +11,13 @@
   tokenizer_config.json is the same format, for other tools, and a test checks the two agree.
   A checkpoint whose template is not ChatML is refused with a clear error rather than rendered
   in a format it was not trained on.
+- Some ChatML templates open a conversation that has no system message with a default one
+  (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."). The model was trained with
+  it, so `render_chat` inserts it too, read from the template's own system-turn literal.
+  Text that continues a conversation (a state message, the next user turn) is `render_turns`.
 """
 import json
+import re
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,6 +32,9 @@ CHATML_TEMPLATE = (
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# A whole system turn written as one string literal in a template: its default system prompt.
+# (A template that only concatenates '<|im_start|>system\n' + content has no such literal.)
+_DEFAULT_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system(?:\n|\\n)([^'"{}]*?)<\|im_end\|>(?:\n|\\n)\1""")
 
 
 class Tokenizer:
@@ -52,6 +60,8 @@ class Tokenizer:
         self.eos_token_ids = sorted({self.im_end_id} | ({eos_id} if eos_id is not None else set()))
         pad = _token_text(config.get("pad_token")) or eos
         self.pad_token_id = tokenizer.token_to_id(pad) if pad else self.im_end_id
+        match = _DEFAULT_SYSTEM.search(template)
+        self.default_system_prompt = match.group(2).replace("\\n", "\n") if match else None
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
@@ -74,9 +84,17 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """ChatML text of a conversation from its start, as the checkpoint's template renders it
+        (with its default system prompt where the conversation has no system message)."""
+        if self.default_system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.default_system_prompt}] + list(messages)
+        return self.render_turns(messages, add_generation_prompt)
+
     @staticmethod
-    def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """ChatML text of a conversation; ends with an open assistant turn when asked."""
+    def render_turns(messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """ChatML text of these messages alone (a continuation: no default system prompt);
+        ends with an open assistant turn when asked."""
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 

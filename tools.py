@@ -69,7 +69,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 from tasks import KINDS, World, text_op_result
@@ -721,33 +721,84 @@ class Pool:
         return "\n".join(c.describe() for c in self.callees)
 
 
+class PoolError(ValueError):
+    """A pool that cannot be built, said in one line: which file, which callee, which field."""
+
+
 def build_callee(spec: dict, world: World | None, extra_types: dict | None = None) -> Callee:
     types = {**CALLEE_TYPES, **(extra_types or {})}
+    if not isinstance(spec, dict):
+        raise PoolError(f"a callee is a JSON object with a type, a name and its fields; got {spec!r:.80}")
     spec = dict(spec)
-    cls = types[spec.pop("type")]
-    if cls in (KnowledgeBase, SimAgent):
+    who, type_name = f"callee {spec.get('name', '(no name)')!r}", spec.pop("type", None)
+    if type_name not in types:
+        raise PoolError(f"{who}: unknown type {type_name!r}; valid types: {', '.join(types)}")
+    cls = types[type_name]
+    settable = {f.name: f for f in fields(cls) if f.init and f.name != "world"}  # the world is ours to give
+    extra = [k for k in spec if k not in settable]
+    missing = [k for k, f in settable.items()
+               if k not in spec and f.default is MISSING and f.default_factory is MISSING]
+    if extra or missing:
+        what = "; ".join(s for s in (extra and f"unknown field(s) {', '.join(map(repr, extra))}",
+                                     missing and f"missing field(s) {', '.join(map(repr, missing))}") if s)
+        raise PoolError(f"{who} ({type_name}): {what}; its fields: {', '.join(settable)}")
+    if any(f.name == "world" for f in fields(cls)):
         spec["world"] = world
     return cls(**spec)
+
+
+def pool_names() -> list[str]:
+    """Pools in pools/ by name ("seen" is the randomized training family, train.json)."""
+    names = [f[:-5] for f in os.listdir(POOLS_DIR) if f.endswith(".json")]
+    return sorted("seen" if n == "train" else n for n in names)
 
 
 def read_pool_spec(name_or_path: str) -> dict:
     """A pool by file path, or by name in pools/ ("seen" is the randomized training family)."""
     path = name_or_path
     if not os.path.exists(path):
+        if os.sep in path or "/" in path or path.endswith(".json"):
+            raise PoolError(f"pool file {path} does not exist")
         path = os.path.join(POOLS_DIR, ("train" if name_or_path == "seen" else name_or_path) + ".json")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        if not os.path.isfile(path):
+            raise PoolError(f"unknown pool {name_or_path!r}; pools: {', '.join(pool_names())}, or a pool JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PoolError(f"{path}: not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PoolError(f"{path}: cannot read it: {e}") from None
+    if not isinstance(spec, dict):
+        raise PoolError(f"{path}: a pool file holds one JSON object (name, callees), not a {type(spec).__name__}")
+    return spec
 
 
 def load_pool(spec: dict | str, world: World | None, rng: random.Random | None = None,
               extra_types: dict | None = None) -> Pool:
-    """A fixed pool, or one draw from a family (needs rng: a new draw per episode)."""
+    """A fixed pool, or one draw from a family (needs rng: a new draw per episode). A bad spec
+    is a PoolError naming the pool (its file when given by path), the callee and the field."""
+    where = spec if isinstance(spec, str) else None
     spec = read_pool_spec(spec) if isinstance(spec, str) else spec
-    if spec.get("family"):
-        if rng is None:
-            raise ValueError(f"pool {spec['name']!r} is a randomized family: pass an rng")
-        spec = sample_family(spec, rng)
-    return Pool(spec["name"], [build_callee(c, world, extra_types) for c in spec["callees"]])
+    where = where or f"pool {spec.get('name')!r}"
+    if spec.get("family") and rng is None:
+        raise ValueError(f"pool {spec.get('name')!r} is a randomized family: pass an rng")
+    try:
+        if spec.get("family"):
+            try:
+                spec = sample_family(spec, rng)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise PoolError(f"malformed family: {type(e).__name__} {e}") from None
+        callees = spec.get("callees")
+        if not isinstance(callees, list) or not callees:
+            raise PoolError("'callees' must be a non-empty list")
+        pool = Pool(spec.get("name", "unnamed"), [build_callee(c, world, extra_types) for c in callees])
+        names = [c.name for c in pool.callees]
+        if len(set(names)) < len(names):
+            raise PoolError(f"callee names repeat: {sorted(names)}")
+    except PoolError as e:
+        raise PoolError(f"{where}: {e}") from None
+    return pool
 
 
 def level_word(accuracy: float, levels: list) -> str:

@@ -232,6 +232,6 @@ def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config
     try:
         with torch.no_grad():
             return evaluate(policy, pool, split, n, seed, env_config or EnvConfig(),
-                            reward_config or RewardConfig(), batch=batch)
+                            reward_config or RewardConfig(), batch=batch, quiet=True)
     finally:
         policy.model.train(was_training)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model as M
-from policy import Engine, SamplingParams, sample_tokens, token_logprobs
+from policy import Engine, SamplingParams, pack_by_length, sample_tokens, token_logprobs
 
 VOCAB = 64
 # On a GPU machine the engine also runs on CUDA (Triton kernels, fp32) against the same reference.
@@ -123,9 +123,74 @@ def test_finished_branches_cost_nothing(tiny, monkeypatch):
 
 
 def test_suffix_overflow_is_a_clear_error(tiny):
-    engine = Engine(tiny, [PROMPTS[0]], branches=1, max_suffix_len=4)
+    engine = Engine(tiny, [PROMPTS[0]], branches=2, max_suffix_len=4)
     with pytest.raises(RuntimeError, match="max_suffix_len"):
-        engine.append({0: [1, 2, 3, 4, 5]})
+        engine.append({0: [1, 2], 1: [1, 2, 3, 4, 5]})
+    assert engine.tokens == [[], []] and engine.suffix_len.tolist() == [0, 0], "a refused append changes nothing"
+
+
+def test_generate_stops_at_the_end_of_the_room(tiny):
+    # Branch 0 has 6 - 4 = 2 slots left, branch 1 has 5: both stop there, by length, no error.
+    engine = Engine(tiny, PROMPTS, branches=1, max_suffix_len=6)
+    engine.append({0: [10, 11, 12, 13], 1: [14]})
+    out = engine.generate(SamplingParams(0.0, 1.0, 20))
+    histories = [PROMPTS[0] + [10, 11, 12, 13], PROMPTS[1] + [14]]
+    for b, (c, history) in enumerate(zip(out, histories)):
+        assert c.token_ids == greedy_alone(tiny, history, [2, 5][b]) and c.stop_reason == "length"
+        assert engine.tokens[b] == history[len(PROMPTS[b]):] + c.token_ids
+        assert int(engine.suffix_len[b]) + len(engine.unfed[b]) == len(engine.tokens[b]) == 6
+        assert engine.room(b) == 0
+    again = engine.generate(SamplingParams(0.0, 1.0, 20))  # a full branch gives nothing, cleanly
+    assert [(c.token_ids, c.stop_reason) for c in again] == [([], "length")] * 2
+    # Room freed: a fresh engine given the same history predicts exactly what the full one did.
+    for b in range(2):
+        fresh = Engine(tiny, [PROMPTS[b]], branches=1, max_suffix_len=32)
+        fresh.append({0: engine.tokens[b][:-1]})  # the last token is the pending (unfed) one
+        assert torch.allclose(fresh.next_logits[0], engine.next_logits[b], atol=1e-4)
+        fresh.append({0: engine.tokens[b][-1:]})
+        more = fresh.generate(SamplingParams(0.0, 1.0, 4))[0].token_ids
+        assert more == greedy_alone(tiny, PROMPTS[b] + engine.tokens[b], 4)
+
+
+def test_max_new_tokens_zero_gives_no_token(tiny):
+    engine = Engine(tiny, PROMPTS, branches=1, max_suffix_len=16)
+    out = engine.generate(SamplingParams(0.0, 1.0, 0))
+    assert [(c.token_ids, c.stop_reason) for c in out] == [([], "length")] * 2
+    assert engine.tokens == [[], []] and engine.suffix_len.tolist() == [0, 0]
+    out = engine.generate(SamplingParams(0.0, 1.0, 3), max_new_tokens={0: 0})
+    assert out[0].token_ids == [] and out[1].token_ids == greedy_alone(tiny, PROMPTS[1], 3)
+
+
+def test_uneven_appends_match_each_branch_alone(tiny, monkeypatch):
+    lengths = [1, 40, 3, 25, 2, 38]  # very uneven: several passes, each padded to its own longest
+    forced = {b: [(7 * b + 3 * i) % VOCAB for i in range(n)] for b, n in enumerate(lengths)}
+    engine = Engine(tiny, PROMPTS, branches=3, max_suffix_len=64)
+    passes = []
+    original = engine._forward_suffix
+    monkeypatch.setattr(engine, "_forward_suffix", lambda rows, ids, n: passes.append(ids.shape) or original(rows, ids, n))
+    engine.append(forced)
+    assert 1 < len(passes) < 6 and sum(r * t for r, t in passes) < len(lengths) * max(lengths)
+    out = engine.generate(GREEDY)
+    for b in range(6):
+        assert out[b].token_ids == greedy_alone(tiny, PROMPTS[b // 3] + forced[b], 6), f"branch {b}"
+
+
+def test_pack_by_length_is_the_cheapest_split():
+    import itertools
+
+    def cost(passes, lengths, pass_cost):
+        return sum(pass_cost + len(p) * max(lengths[i] for i in p) for p in passes)
+
+    for lengths in ([5, 20, 60, 120, 250, 364], [7, 7, 8, 9], [1], [300, 2, 290, 3, 150, 149, 1], []):
+        passes = pack_by_length(lengths, 32)
+        assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+        # Reference: every split of the sorted items into runs of neighbours (2^(n-1) of them).
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min((cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], lengths, 32)
+                    for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k)),
+                   default=0)
+        assert cost(passes, lengths, 32) == best, lengths
+    assert len(pack_by_length([7, 7, 8, 9], 32)) == 1  # even lengths stay one pass
 
 
 def test_top_p_keeps_the_nucleus():

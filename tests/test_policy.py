@@ -97,7 +97,19 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     assert summary["reward_terms"]["protocol"] < 0
     assert infer.main(["--query", "What is 17*23?", "--policy", str(checkpoint), "--max-new-tokens", "12",
                        "--max-turns", "1", "--device", "cpu"]) == 0
-    assert "question: What is 17*23?" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, turn 1" in out.err
+
+
+def test_infer_reports_episodes_that_outgrow_the_room_as_truncated(checkpoint, capsys):
+    import json
+    import infer
+    assert infer.main(["--eval", "--policy", str(checkpoint), "--n", "3", "--max-new-tokens", "200",
+                       "--max-suffix-len", "64", "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)  # stdout is the JSON object alone; progress went to stderr
+    assert summary["truncated"] == 1.0 and summary["success"] == 0.0
+    assert "play: episodes 3/3 done" in out.err
 
 
 def test_local_agent_in_a_pool_answers_a_rounds_calls_as_one_batch(checkpoint, monkeypatch):
@@ -119,3 +131,16 @@ def test_local_agent_in_a_pool_answers_a_rounds_calls_as_one_batch(checkpoint, m
     first = next(r for r in episode.rounds[0].results if r.id == "1")
     assert batches == [["17*23", "capital of Zarnia"], [f"reverse {first.text}"]]
     assert state.count('status="OK"') == 3
+
+
+@pytest.mark.parametrize("max_new,rounds", [(8, 1), (200, 0)])  # state message too long; turn cut by the room
+def test_episodes_that_outgrow_the_room_end_truncated(checkpoint, max_new, rounds):
+    policy = Policy.load(checkpoint)
+    episodes = make_episodes([(0, 0), (1, 1), (1, 1)], max_turns=10)
+    engine, branch_of = play_batch(policy, episodes, policy.chat_params(0.0, max_new_tokens=max_new),
+                                   max_suffix_len=64)
+    for episode, b in zip(episodes, branch_of):
+        result = episode.result()
+        assert episode.done and result.truncated and result.answer is None and not result.success
+        assert len(episode.rounds) == rounds and len(engine.tokens[b]) <= 64
+        assert int(engine.suffix_len[b]) + len(engine.unfed[b]) == len(engine.tokens[b])

