@@ -51,7 +51,7 @@ from tools import OK, load_pool
 
 @dataclass
 class SFTOptions:
-    episodes: int = cli.field(6000, "oracle episodes to generate", "data")
+    episodes: int = cli.field(8000, "oracle episodes to generate", "data")
     failure_rate: float = cli.field(0.15, "injected failure rate while generating (recovery data)", "data")
     recovery: bool = cli.field(True, "keep trajectories with failures and recoveries "
                                "(--no-recovery: failure-free trajectories only)", "data")
@@ -61,8 +61,8 @@ class SFTOptions:
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
     steps: int = cli.field(600, "optimizer steps", "optimizer")
-    batch_tokens: int = cli.field(8192, "tokens (with padding) per optimizer step", "optimizer")
-    micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass (gradient accumulation "
+    batch_tokens: int = cli.field(6144, "tokens (with padding) per optimizer step", "optimizer")
+    micro_batch_tokens: int = cli.field(6144, "tokens per forward/backward pass (gradient accumulation "
                                         "splits a step into passes of this size)", "optimizer")
 
 
@@ -138,7 +138,7 @@ def episode_tokens(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int
             ids += turn
             mask += [1] * len(turn)
         else:
-            new = tokenizer.encode("\n" + tokenizer.render_chat([m]))
+            new = tokenizer.encode("\n" + tokenizer.render_turns([m]))
             ids += new
             mask += [0] * len(new)
     return ids, mask
@@ -233,7 +233,7 @@ def prepare(config, run: Path, device: str):
             tokenizer = Tokenizer.load(tokenizer_dir)
         else:
             t = time.time()
-            texts = [Tokenizer.render_chat(r["messages"]) for r in rows[:2000]]
+            texts = [Tokenizer.render_turns(r["messages"]) for r in rows[:2000]]
             tokenizer = train_tokenizer(texts, config.vocab_size)
             tokenizer.save(tokenizer_dir)
             print(f"tokenizer: BPE of {tokenizer.vocab_size} tokens in {time.time() - t:.1f}s", file=sys.stderr)

@@ -32,7 +32,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [Tokenizer.render_chat(CONVERSATION)] * 5 + [f"city {i} of Velora has {i * 37} people" for i in range(100)]
+    texts = [Tokenizer.render_turns(CONVERSATION)] * 5 + [f"city {i} of Velora has {i * 37} people" for i in range(100)]
     return train_tokenizer(texts, vocab_size=400)
 
 
@@ -40,7 +40,7 @@ def test_loss_mask_on_a_hand_built_conversation(tokenizer):
     ids, mask = episode_tokens(tokenizer, CONVERSATION)
     assert len(ids) == len(mask)
     # the stream is the whole chat as play_batch builds it (no newline after the last turn)
-    assert tokenizer.decode(ids) == Tokenizer.render_chat(CONVERSATION, add_generation_prompt=False)[:-1]
+    assert tokenizer.decode(ids) == Tokenizer.render_turns(CONVERSATION, add_generation_prompt=False)[:-1]
     learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
     assert learned == ('<call id="1" to="kb">capital of Velora</call>' + IM_END + "<answer>Zarn</answer>" + IM_END)
     # the state message between the turns is masked: it is the environment's text
@@ -167,8 +167,8 @@ def _losses(run: Path) -> dict[int, float]:
 
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_sft(tmp_path, "reference"), check=True, env=env, capture_output=True, timeout=300)
-    ref = _losses(tmp_path / "sft" / "reference")
+    subprocess.run(_sft(tmp_path / "ref", "reference"), check=True, env=env, capture_output=True, timeout=300)
+    ref = _losses(tmp_path / "ref" / "sft" / "reference")
     assert sorted(ref) == list(range(1, 13))
     # the same run, killed hard once its step-8 checkpoint exists
     proc = subprocess.Popen(_sft(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
