@@ -39,6 +39,8 @@ class BenchConfig:
     seed: int = cli.field(0, "random weights and prompts", "run")
     json: bool = cli.field(False, "print the results as JSON instead of a table", "run")
     jsonl: str = cli.field("", "also append each row to this JSON-lines file as soon as it is measured", "run")
+    append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
+                                       "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
 
 def sync(device):
@@ -135,6 +137,7 @@ def validate(cfg: BenchConfig) -> None:
     for flag, values, known in (("modes", cfg.modes, MODES), ("presets", cfg.presets, tuple(M.PRESETS))):
         unknown = [v for v in values if v not in known]
         cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
+    cli.check(min(cfg.append_lens, default=1) >= 1, f"--append-lens must be lengths of at least 1 (got {cfg.append_lens})")
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
         cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
@@ -149,6 +152,8 @@ def main(argv=None):
     cli.log_config(cfg)
     torch.manual_seed(cfg.seed)
     dtype = M.default_dtype(cfg.device)
+    if cfg.append_lens:
+        return bench_append(cfg, dtype)
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
@@ -200,6 +205,38 @@ def main(argv=None):
         print(json.dumps({"machine": limits, "device": cfg.device, "rows": rows}, indent=1))
     else:
         print_table(rows, limits, cfg.device)
+    return 0
+
+
+def bench_append(cfg, dtype) -> int:
+    """Appending uneven suffixes (state messages, a local agent's questions) to the branches of
+    one prompt: one call as ONE pass padded to the longest (the engine before packing), one call
+    packed into passes of similar lengths (pack_by_length), and one call per branch."""
+    for preset in cfg.presets:
+        config = M.preset_config(preset, **({"vocab_size": cfg.tiny_vocab} if preset == "tiny" else {}))
+        model = M.build_model(config, cfg.device, dtype, seed=cfg.seed).eval()
+        prompt = torch.randint(0, config.vocab_size, (cfg.prefix_lens[0],)).tolist()
+        suffixes = {b: torch.randint(0, config.vocab_size, (n,)).tolist() for b, n in enumerate(cfg.append_lens)}
+
+        def run(how):
+            engine = Engine(model, [prompt], len(suffixes), max(cfg.append_lens))
+            engine.append_pass_cost = 10**9 if how == "padded" else engine.append_pass_cost
+            sync(cfg.device)
+            t0 = time.perf_counter()
+            for chunk in ([suffixes] if how != "per branch" else [{b: s} for b, s in suffixes.items()]):
+                engine.append(chunk)
+            sync(cfg.device)
+            return time.perf_counter() - t0
+        ways = ("padded", "packed", "per branch")
+        for how in ways:  # warm-up
+            run(how)
+        best = {}
+        for _ in range(cfg.repeats):  # interleaved, so machine noise hits them alike; fastest kept
+            for how in ways:
+                best[how] = min(best.get(how, float("inf")), run(how))
+        print(f"{preset}, prompt {len(prompt)}, appends {cfg.append_lens}, {cfg.device}, best of {cfg.repeats}: "
+              + ", ".join(f"{how} {s * 1000:.0f} ms" for how, s in best.items())
+              + f"; packed is {best['padded'] / best['packed']:.2f}x faster than padded")
     return 0
 
 

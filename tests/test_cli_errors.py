@@ -134,6 +134,7 @@ def test_trace_mode_checks_too(capsys, no_play):
     (["--branches"], ["--branches"]),
     (["--prefix-lens", "256", "-1"], ["--prefix-lens"]),
     (["--new-tokens", "0"], ["--new-tokens"]),
+    (["--append-lens", "5", "0"], ["--append-lens"]),
 ])
 def test_bench_bad_cases(capsys, monkeypatch, argv, expected):
     monkeypatch.setattr(bench, "machine_limits", lambda *a: pytest.fail("measured the machine first"))
