@@ -6,34 +6,27 @@
     python infer.py --query "..."                                   free text: needs a trained checkpoint
 
 Design choices, and why:
-- `play_episodes` is the one place that turns the --policy flag into play: a scripted name is a
-  `policy(messages) -> str` from baselines.py, played one episode at a time; a checkpoint folder
-  plays a batch of episodes at once on one engine (policy.play_batch: each episode one branch,
-  state messages appended to it, identical prompts sharing one KV copy). torch is never
-  imported unless a checkpoint is used.
+- Playing and scoring live in evaluation.py (shared with training); this file is the command
+  line around them: flags, validation, the trace tree, the tables.
 - `--query` runs a free-text question with a checkpoint: --policy if it is a folder, else the
   latest trained one (runs/grpo/latest, then runs/sft/latest).
 - The config is one dataclass whose fields are this script's own options plus every EnvConfig
   and RewardConfig field, so each environment knob and reward weight is a flag without a second
   list to keep in sync.
-- POOL "seen" is the randomized training family, drawn anew for every episode (seeded);
-  "unseen" cycles through all unseen pools (pools/unseen-*.json); anything else is a pool name
-  in pools/ or a JSON file path.
 """
 import dataclasses
-import glob
 import json
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 
 import cli
-from baselines import SCRIPTED, scripted_policy
-from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
-from tasks import SPLITS, Task, graph_width, make_tasks, task_at, task_world, world_for_split
-from tools import POOLS_DIR, PoolError, load_pool, read_pool_spec
+from baselines import SCRIPTED
+from env import EnvConfig, Episode, RewardConfig
+from evaluation import evaluate, latest_checkpoint, play_episodes, pool_for_episode, unseen_pool_names
+from tasks import SPLITS, Task, task_at, task_world, world_for_split
+from tools import PoolError, load_pool, read_pool_spec
 
 
 @dataclass
@@ -70,111 +63,6 @@ InferConfig = dataclasses.make_dataclass(
 
 def sub_config(cls, config):
     return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
-
-
-# ---------------------------------------------------------------- policies
-
-def resolve_device(device: str) -> str:
-    import torch
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def latest_checkpoint(runs_dir: str = "runs") -> str | None:
-    """The newest finished checkpoint: runs/grpo/latest, else runs/sft/latest (a symlink or a
-    text file holding the folder's path)."""
-    for stage in ("grpo", "sft"):
-        latest = os.path.join(runs_dir, stage, "latest")
-        if os.path.islink(latest) or os.path.isdir(latest):
-            return os.path.realpath(latest)
-        if os.path.isfile(latest):
-            target = open(latest).read().strip()
-            return target if os.path.isabs(target) else os.path.join(runs_dir, stage, target)
-    return None
-
-
-def play_episodes(policy, episodes: list[Episode], indices: list[int], device: str = "auto",
-                  temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16,
-                  max_suffix_len: int = 2048, quiet: bool = False) -> None:
-    """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
-    them); a checkpoint folder (or an already loaded policy.Policy) plays `batch` episodes at a
-    time on one engine (policy.play_batch: all unfinished episodes decode together, identical
-    prompts share KV; an episode longer than `max_suffix_len` tokens ends as truncated).
-    Checkpoint play reports its progress on stderr, a line per turn, unless `quiet`."""
-    if isinstance(policy, str) and not os.path.isdir(policy):
-        for episode, index in zip(episodes, indices):
-            play(episode, scripted_policy(policy, episode.task, index))
-        return
-    import torch
-    from policy import Policy as ModelPolicy, play_batch
-    if isinstance(policy, str):
-        model = ModelPolicy.load(policy, device=resolve_device(device))
-    else:
-        model = policy
-    params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
-    generator = torch.Generator(model.model.output_weight().device).manual_seed(seed)
-    start, tokens = time.perf_counter(), 0
-    for k in range(0, len(episodes), batch):
-        def progress(turn, active, new_tokens):
-            nonlocal tokens
-            tokens += new_tokens
-            elapsed = time.perf_counter() - start
-            done = k + min(batch, len(episodes) - k) - active
-            print(f"play: episodes {done}/{len(episodes)} done, turn {turn} of this batch, {tokens} tokens, "
-                  f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
-        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress)
-
-
-# ---------------------------------------------------------------- pools
-
-def unseen_pool_names() -> list[str]:
-    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(POOLS_DIR, "unseen-*.json")))
-
-
-def pool_for_episode(pool: str, world, seed, index: int):
-    if pool == "unseen":
-        names = unseen_pool_names()
-        return load_pool(names[index % len(names)], world)
-    spec = read_pool_spec(pool)
-    return load_pool(spec, world, random.Random(f"pool:{seed}:{index}") if spec.get("family") else None)
-
-
-# ---------------------------------------------------------------- evaluation
-
-def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
-             reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
-             max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False) -> dict:
-    tasks = make_tasks(split, n, seed)
-    episodes = [Episode(task, pool_for_episode(pool, task_world(task), seed, i), env_config, reward_config,
-                        seed=f"{seed}:{i}")
-                for i, task in enumerate(tasks)]
-    play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len,
-                  quiet)
-    results: list[EpisodeResult] = [e.result() for e in episodes]
-    wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
-    name = policy if isinstance(policy, str) else "model"
-    return summarize(results, wide_latency) | {"policy": name, "pool": pool, "split": split, "n": n, "seed": seed}
-
-
-def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
-    def mean(xs):
-        xs = list(xs)
-        return sum(xs) / len(xs) if xs else 0.0
-    return {
-        "success": mean(r.success for r in results),
-        "protocol": mean(r.protocol_ok for r in results),
-        "rounds": mean(r.rounds for r in results),
-        "latency": mean(r.latency for r in results),
-        "latency_width3": mean(wide_latency),
-        "n_width3": len(wide_latency),
-        "cost": mean(r.cost for r in results),
-        "calls": mean(r.calls for r in results),
-        "redundant_calls": mean(r.redundant_calls for r in results),
-        "parse_errors": mean(r.parse_errors for r in results),
-        "tokens": mean(r.tokens for r in results),
-        "truncated": mean(r.truncated for r in results),
-        "reward": mean(r.reward for r in results),
-        "reward_terms": {k: mean(r.rewards[k] for r in results) for k in results[0].rewards} if results else {},
-    }
 
 
 def print_summary(s: dict) -> None:

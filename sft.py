@@ -46,7 +46,7 @@ from model import PRESETS, build_model, load_model, num_parameters, preset_confi
 from policy import Policy
 from tasks import task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
-from tools import OK, load_pool
+from tools import load_pool
 
 
 @dataclass

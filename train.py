@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 import cli
+from env import EnvConfig, RewardConfig
+from evaluation import evaluate
 from model import load_model, save_model
 
 
@@ -225,8 +227,6 @@ def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config
                     reward_config=None, batch: int = 32) -> dict:
     """Greedy evaluation of an in-memory policy.Policy through the real environment, on the
     same tasks and pool draws as `python infer.py --eval`."""
-    from infer import evaluate   # the one evaluation harness, shared with the CLI
-    from env import EnvConfig, RewardConfig
     was_training = policy.model.training
     policy.model.eval()
     try:

@@ -28,7 +28,7 @@ def rejected(capsys, main, argv, *expected):
 def no_play(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for name in ("evaluate", "play_episodes", "table", "make_tasks"):
+    for name in ("evaluate", "play_episodes", "table", "task_at"):
         monkeypatch.setattr(infer, name, tripwire)
 
 

