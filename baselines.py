@@ -51,13 +51,14 @@ class CalleeInfo:
 
 
 def read_pool(system_prompt: str) -> list[CalleeInfo]:
-    """Parse the pool lines '- name | kind | description | cost C | latency Ls'."""
+    """Parse the pool lines '- "name" | kind | description | cost C | latency Ls'."""
     callees = []
     for line in system_prompt.splitlines():
         parts = line[2:].split(" | ") if line.startswith("- ") else []
         if len(parts) != 5:
             continue
         name, kind, description, cost, latency = parts
+        name = name.strip('"')
         info = CalleeInfo(name, kind, description, float(cost.split()[-1]), float(latency.split()[-1].rstrip("s")))
         exact = "exact" in re.findall(r"[a-z]+", description.lower())
         for clause in re.split(r"[;,]", description.lower()):

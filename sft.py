@@ -51,7 +51,7 @@ from tools import load_pool
 
 @dataclass
 class SFTOptions:
-    episodes: int = cli.field(8000, "oracle episodes to generate", "data")
+    episodes: int = cli.field(10000, "oracle episodes to generate", "data")
     failure_rate: float = cli.field(0.15, "injected failure rate while generating (recovery data)", "data")
     recovery: bool = cli.field(True, "keep trajectories with failures and recoveries "
                                "(--no-recovery: failure-free trajectories only)", "data")
@@ -60,7 +60,7 @@ class SFTOptions:
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
-    steps: int = cli.field(600, "optimizer steps", "optimizer")
+    steps: int = cli.field(1000, "optimizer steps", "optimizer")
     batch_tokens: int = cli.field(6144, "tokens (with padding) per optimizer step", "optimizer")
     micro_batch_tokens: int = cli.field(6144, "tokens per forward/backward pass (gradient accumulation "
                                         "splits a step into passes of this size)", "optimizer")

@@ -103,8 +103,10 @@ class Callee:
         return [self.run(t, r, timeout) for t, r in zip(tasks, rngs)]
 
     def describe(self) -> str:
-        """One line, the same format for tools and agents."""
-        return (f"- {self.name} | {self.kind} | {self.description} | "
+        """One line, the same format for tools and agents. The name is quoted as it is in a
+        call's to="..." attribute: a byte-level BPE gives a word other tokens after a space than
+        after a quote, and a model learns to route by copying the name token for token."""
+        return (f'- "{self.name}" | {self.kind} | {self.description} | '
                 f"cost {self.cost:.4f} | latency {self.latency:.2f}s")
 
 

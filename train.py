@@ -97,6 +97,12 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step-*"))
 
 
+def latest_of(runs_dir, stage: str) -> Path | None:
+    """The checkpoint runs/<stage>/latest points at, or None."""
+    latest = Path(runs_dir) / stage / "latest"
+    return latest.resolve() if latest.exists() else None
+
+
 def set_latest(run: Path, checkpoint: Path) -> None:
     """Point runs/<stage>/latest at a finished checkpoint (relative symlink, atomic replace)."""
     latest = run.parent / "latest"

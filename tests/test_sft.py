@@ -107,10 +107,10 @@ def test_data_is_deterministic_and_recovery_is_present():
     assert "TIMEOUT" not in states and "EXEC_ERR" not in states
 
 
-POOL = ("Pool:\n- kb | tool | exact facts about the world | cost 0.0005 | latency 0.30s\n"
-        "- calc | tool | exact arithmetic | cost 0.0002 | latency 0.10s\n"
-        "- ann | agent | chat assistant; facts: good, arithmetic: weak | cost 0.0040 | latency 1.00s\n"
-        "- bob | agent | chat assistant; facts: fair, arithmetic: fair | cost 0.0030 | latency 0.80s")
+POOL = ("Pool:\n- \"kb\" | tool | exact facts about the world | cost 0.0005 | latency 0.30s\n"
+        "- \"calc\" | tool | exact arithmetic | cost 0.0002 | latency 0.10s\n"
+        "- \"ann\" | agent | chat assistant; facts: good, arithmetic: weak | cost 0.0040 | latency 1.00s\n"
+        "- \"bob\" | agent | chat assistant; facts: fair, arithmetic: fair | cost 0.0030 | latency 0.80s")
 TASK = Task("What is 2 times the population of the capital of Velora?", "200",
             [Subtask(1, "lookup", "capital of Velora", "Zarn"),
              Subtask(2, "lookup", "population of {1}", "100", [1]),

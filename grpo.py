@@ -1,0 +1,303 @@
+"""Stage 2: GRPO through the environment, with the four-part reward (success, protocol,
+diversity, efficiency).
+
+    python grpo.py                                  from runs/sft/latest, about 15 minutes on 2 cores
+    python grpo.py --init runs/sft/<run>/checkpoints/step-000600
+    python grpo.py --serial-only                    ablation: one call per turn
+    python grpo.py --w-latency 0 --w-cost 0 --w-token 0 --w-extra-round 0   ablation: no efficiency terms
+    python grpo.py --resume
+
+Design choices, and why:
+- A step samples --prompts prompts (a training task, each in a world of its own, and a fresh
+  pool draw), then --group episodes of each, all played at once by policy.play_batch: one
+  engine, the G episodes of a prompt are branches of ONE prefix (its KV stored once), each
+  state message appended to its own branch. The engine records every generated token's
+  log-prob under the sampling policy: the "old" log-probs of the ratio.
+- Rewards are env.group_rewards, so the group-diversity term is live; every term is logged.
+  --failure-rate-max samples each prompt's injected failure rate in [0, max], so recovery is
+  practised under RL too.
+- The loss is rl_loss.grpo_loss (advantages, clipped ratio with separate low/high bounds, k3
+  KL to a frozen reference, masked aggregation). Prompt and state-message tokens are masked;
+  truncated episodes are masked out or kept with their (penalized) reward (--truncated).
+  Groups with zero reward variance carry no signal (their advantages are 0) and are dropped
+  from the training pass by default (--drop-zero-variance), but always counted.
+- --serial-only sets the environment's max_calls_per_turn to 1: a second call in a turn is a
+  PARSE_ERR, the protocol's own way of refusing an action, so the reward's protocol term
+  penalizes it and the call is not run (a reward-only penalty would still let parallel calls
+  buy their latency advantage).
+"""
+import copy
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import cli
+import rl_loss
+import train
+from env import EnvConfig, Episode, RewardConfig, group_rewards
+from policy import Policy, play_batch
+from tasks import task_at, task_world
+from tools import load_pool
+
+
+@dataclass
+class GRPOOptions:
+    init: str = cli.field("", "checkpoint to start from (default: runs/sft/latest)", "model")
+    steps: int = cli.field(100, "GRPO steps (one rollout batch each)", "optimizer")
+    prompts: int = cli.field(4, "prompts (task + pool draw) per step", "rollout")
+    group: int = cli.field(8, "episodes per prompt (G)", "rollout")
+    temperature: float = cli.field(1.0, "sampling temperature of the rollouts", "rollout")
+    max_new_tokens: int = cli.field(160, "longest assistant turn in a rollout, in tokens", "rollout")
+    max_suffix_len: int = cli.field(1536, "tokens an episode may add after its prompt; longer ends truncated", "rollout")
+    failure_rate_max: float = cli.field(0.2, "each prompt's injected failure rate is drawn in [0, this]", "rollout")
+    pool: str = cli.field("seen", "pool (family) of the rollouts", "rollout")
+    serial_only: bool = cli.field(False, "ablation: one call per turn (a second call is PARSE_ERR)", "rollout")
+    std_normalize: bool = cli.field(False, "divide advantages by their group's std", "loss")
+    clip_low: float = cli.field(0.2, "lower clip of the importance ratio (1 - clip_low)", "loss")
+    clip_high: float = cli.field(0.28, "upper clip of the importance ratio (1 + clip_high)", "loss")
+    kl_coef: float = cli.field(0.0, "k3 KL to the initial model (0: no reference model is kept)", "loss")
+    aggregation: str = cli.field("token-mean", "loss aggregation: token-mean or constant (Dr.GRPO)", "loss",
+                                 choices=["token-mean", "constant"])
+    norm_tokens: int = cli.field(256, "tokens per episode of the 'constant' normalizer", "loss")
+    truncated: str = cli.field("mask", "truncated episodes: mask (no loss) or penalize (keep their reward)",
+                               "loss", choices=["mask", "penalize"])
+    drop_zero_variance: bool = cli.field(True, "leave groups whose rewards are all equal out of the training pass", "loss")
+    updates_per_batch: int = cli.field(1, "optimizer steps per rollout batch", "loss")
+    micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass", "loss")
+
+
+def _fields(cls, **defaults):
+    out = []
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default)
+        out.append((f.name, f.type, dataclasses.field(default=default, metadata=f.metadata)))
+    return out
+
+
+# GRPO's optimizer defaults differ from SFT's: a smaller step from a trained model
+GRPOConfig = dataclasses.make_dataclass(
+    "GRPOConfig", _fields(GRPOOptions) + _fields(train.TrainConfig, lr=2e-4, warmup_steps=5, ckpt_every=25,
+                                                 eval_every=50, log_every=1, eval_n=64)
+    + _fields(EnvConfig) + _fields(RewardConfig))
+
+
+def sub_config(cls, config):
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    ids: list[int]          # prompt + everything after it
+    mask: list[int]         # 1 on generated tokens (next-token positions, aligned with ids[1:])
+    logp_old: list[float]   # aligned with ids[1:], 0 where mask is 0
+    reward: float
+    advantage: float = 0.0
+
+
+def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Episode], list[Rollout], dict]:
+    """--prompts x --group episodes played on one engine; their token streams and rewards."""
+    env = sub_config(EnvConfig, config)
+    if config.serial_only:
+        env.max_calls_per_turn = 1
+    reward_config = sub_config(RewardConfig, config)
+    episodes = []
+    for p in range(config.prompts):
+        index = step * config.prompts + p
+        task = task_at("train", index, 1000 + config.seed)   # tasks SFT (seed 0..) did not use
+        rng = random.Random(f"grpo:{config.seed}:{index}")
+        pool = load_pool(config.pool, task_world(task), rng)
+        episode_env = dataclasses.replace(env, failure_rate=rng.uniform(0, config.failure_rate_max))
+        for g in range(config.group):
+            # identical opening messages: the group shares one prefix in the engine
+            episodes.append(Episode(task, pool, episode_env, reward_config, seed=f"grpo:{index}:{g}"))
+    t = time.time()
+    params = policy.chat_params(config.temperature, max_new_tokens=config.max_new_tokens)
+    with torch.no_grad():
+        engine, branch_of = play_batch(policy, episodes, params, config.max_suffix_len, generator)
+    rollout_seconds = time.time() - t
+    results = [e.result() for e in episodes]
+    for k in range(0, len(results), config.group):
+        group_rewards(results[k:k + config.group], reward_config)
+    rollouts = []
+    for episode, result, b in zip(episodes, results, branch_of):
+        prompt = policy.tokenizer.encode_chat(episode.messages[:2])
+        tokens, logps = engine.tokens[b], engine.logprobs[b]
+        learn = [lp is not None for lp in logps]
+        if episode.truncated and config.truncated == "mask":
+            learn = [False] * len(learn)
+        ids = prompt + tokens
+        mask = [0] * (len(prompt) - 1) + [int(x) for x in learn]
+        logp_old = [0.0] * (len(prompt) - 1) + [lp if lp is not None else 0.0 for lp in logps]
+        rollouts.append(Rollout(ids, mask, logp_old, result.reward))
+    generated = sum(sum(1 for lp in engine.logprobs[b] if lp is not None) for b in branch_of)
+    stats = {"rollout_seconds": rollout_seconds, "generated_tokens": generated,
+             "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9)}
+    return episodes, rollouts, stats
+
+
+# ---------------------------------------------------------------- the training pass
+
+def sequence_logprobs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each next token [B, T-1] (with grad) and the entropy of each next-token
+    distribution [B, T-1] (no grad)."""
+    logits = model(ids[:, :-1]).float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def _pad(rows: list[list], value, dtype, device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=dtype, device=device)
+
+
+def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
+    """Similar lengths together, each batch's padded size within `budget` tokens."""
+    out, batch = [], []
+    for r in sorted(rollouts, key=lambda r: len(r.ids)):
+        if batch and (len(batch) + 1) * len(r.ids) > budget:
+            out.append(batch)
+            batch = []
+        batch.append(r)
+    return out + ([batch] if batch else [])
+
+
+def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device) -> dict:
+    """One optimizer step on the rollouts (gradient accumulated over micro-batches)."""
+    total_tokens = sum(sum(r.mask) for r in rollouts)
+    sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
+    trained_tokens = 0
+    for batch in micro_batches(rollouts, config.micro_batch_tokens):
+        ids = _pad([r.ids for r in batch], 0, torch.long, device)
+        mask = _pad([r.mask for r in batch], 0, torch.float32, device)
+        logp_old = _pad([r.logp_old for r in batch], 0.0, torch.float32, device)
+        adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
+        logp, entropy = sequence_logprobs(model, ids)
+        logp_ref = None
+        if reference is not None:
+            with torch.no_grad():
+                logp_ref, _ = sequence_logprobs(reference, ids)
+        loss, stats = rl_loss.grpo_loss(logp, logp_old, adv, mask, config.clip_low, config.clip_high,
+                                        config.kl_coef, logp_ref, config.aggregation, config.norm_tokens,
+                                        total_tokens=total_tokens, episodes=len(rollouts))
+        loss.backward()
+        n = mask.sum().item()
+        for k in ("clip_fraction", "kl", "ratio"):
+            sums[k] += stats[k] * n
+        sums["entropy"] += (entropy * mask).sum().item()
+        sums["loss"] += loss.item()
+        trained_tokens += ids.numel()
+    grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
+    out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
+    return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}
+
+
+def episode_stats(episodes: list[Episode], group: int) -> dict:
+    results = [e.result() for e in episodes]
+    n = len(results)
+    mean = lambda xs: sum(xs) / n
+    rewards = [r.reward for r in results]
+    zero_var = sum(len(set(rewards[k:k + group])) == 1 for k in range(0, n, group)) / (n // group)
+    out = {"reward": mean(rewards), "success": mean(r.success for r in results),
+           "format_error_rate": mean(r.parse_errors > 0 or r.outside_turns > 0 for r in results),
+           "protocol": mean(r.protocol_ok for r in results), "rounds": mean(r.rounds for r in results),
+           "latency": mean(r.latency for r in results), "cost": mean(r.cost for r in results),
+           "tokens": mean(r.tokens for r in results), "truncated": mean(r.truncated for r in results),
+           "zero_variance_groups": zero_var}
+    for term in results[0].rewards:
+        out[f"r_{term}"] = mean(r.rewards[term] for r in results)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+def run(config) -> int:
+    cli.log_config(config)
+    device = train.resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    init = config.init or str(train.latest_of(config.runs_dir, "sft") or "")
+    if not init:
+        raise train.TrainingError(f"no SFT checkpoint to start from ({config.runs_dir}/sft/latest does not exist): "
+                                  "run `python sft.py` first, or pass --init CHECKPOINT")
+    run_path = train.run_dir(config, "grpo")
+    try:
+        policy = Policy.load(init, device=device)
+    except (OSError, ValueError) as e:
+        raise train.TrainingError(f"--init {init}: {e}") from None
+    model = policy.model
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
+    optimizer = train.make_optimizer(model, config)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    step = 0
+    resume_from = train.resume_point(run_path) if config.resume else None
+    if resume_from is not None:
+        state = train.load_training_state(resume_from, model, optimizer)
+        step = state["step"]
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    print(f"grpo: {init} -> {run_path}", file=sys.stderr)
+    metrics = train.Metrics(run_path, config.steps, step)
+    path = resume_from
+    while step < config.steps:
+        t0 = time.time()
+        model.eval()
+        episodes, rollouts, rstats = rollout_step(policy, config, step, generator)
+        model.train()
+        rewards = torch.tensor([r.reward for r in rollouts]).view(config.prompts, config.group)
+        advantages = rl_loss.group_advantages(rewards, config.std_normalize).flatten().tolist()
+        for r, a in zip(rollouts, advantages):
+            r.advantage = a
+        flat = rewards.max(dim=1).values == rewards.min(dim=1).values      # [prompts]
+        keep = [r for k, r in enumerate(rollouts)
+                if sum(r.mask) > 0 and not (config.drop_zero_variance and flat[k // config.group])]
+        t1 = time.time()
+        lr = train.lr_at(step, config.steps, config)
+        tstats = {}
+        for _ in range(config.updates_per_batch if keep else 0):
+            tstats = train_on(model, reference, optimizer, keep, config, lr, device)
+        train_seconds = time.time() - t1
+        step += 1
+        row = {"step": step, "lr": lr, **episode_stats(episodes, config.group), **rstats, **tstats,
+               "train_seconds": train_seconds, "trained_episodes": len(keep),
+               "train_tokens_per_s": tstats.get("train_tokens", 0) * config.updates_per_batch / max(train_seconds, 1e-9)}
+        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+            t2 = time.time()
+            s = train.evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
+            row |= {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
+            row["eval_seconds"] = time.time() - t2
+            print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} rounds {s['rounds']:.2f} "
+                  f"latency {s['latency']:.2f}s cost {s['cost']:.4f}", file=sys.stderr)
+        row["step_seconds"] = time.time() - t0
+        metrics.log(row)
+        if step % config.log_every == 0 or step == config.steps:
+            metrics.progress(step, reward=row["reward"], success=row["success"], protocol=row["protocol"],
+                             zero_var=row["zero_variance_groups"], kl=row.get("kl", 0.0),
+                             rollout_s=round(rstats["rollout_seconds"], 1), train_s=round(train_seconds, 1))
+        if step % config.ckpt_every == 0 or step == config.steps:
+            path = train.save_checkpoint(run_path, step, model, init, optimizer,
+                                         {"generator": generator.get_state().tolist(), "init": init})
+    train.set_latest(run_path, path)
+    print(f"done: {path} (runs/grpo/latest)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    config = cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0])
+    try:
+        return run(config)
+    except train.TrainingError as e:
+        print(f"grpo.py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
