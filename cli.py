@@ -88,3 +88,16 @@ def entry_point(main):
             print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
             return 2
     return wrapped
+
+
+def config_fields(cls, **defaults) -> list:
+    """A config dataclass's fields, for `dataclasses.make_dataclass`: an entry point's config
+    is its own options plus shared groups (training, EnvConfig, RewardConfig), some defaults
+    overridden, so every knob is one flag with one definition."""
+    return [(f.name, f.type, dataclasses.field(default=defaults.get(f.name, f.default), metadata=f.metadata))
+            for f in dataclasses.fields(cls)]
+
+
+def sub_config(cls, config):
+    """The `cls` part of a merged config (e.g. the EnvConfig inside InferConfig)."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})

@@ -70,23 +70,12 @@ class GRPOOptions:
     micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass", "loss")
 
 
-def _fields(cls, **defaults):
-    out = []
-    for f in dataclasses.fields(cls):
-        default = defaults.get(f.name, f.default)
-        out.append((f.name, f.type, dataclasses.field(default=default, metadata=f.metadata)))
-    return out
-
-
 # GRPO's optimizer defaults differ from SFT's: a smaller step from a trained model
 GRPOConfig = dataclasses.make_dataclass(
-    "GRPOConfig", _fields(GRPOOptions) + _fields(train.TrainConfig, lr=2e-4, warmup_steps=5, ckpt_every=25,
-                                                 eval_every=50, log_every=1, eval_n=64)
-    + _fields(EnvConfig) + _fields(RewardConfig))
-
-
-def sub_config(cls, config):
-    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+    "GRPOConfig", cli.config_fields(GRPOOptions)
+    + cli.config_fields(train.TrainConfig, lr=2e-4, warmup_steps=5, ckpt_every=25, eval_every=50,
+                          log_every=1, eval_n=64)
+    + cli.config_fields(EnvConfig) + cli.config_fields(RewardConfig))
 
 
 # ---------------------------------------------------------------- rollouts
@@ -102,10 +91,10 @@ class Rollout:
 
 def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Episode], list[Rollout], dict]:
     """--prompts x --group episodes played on one engine; their token streams and rewards."""
-    env = sub_config(EnvConfig, config)
+    env = cli.sub_config(EnvConfig, config)
     if config.serial_only:
         env.max_calls_per_turn = 1
-    reward_config = sub_config(RewardConfig, config)
+    reward_config = cli.sub_config(RewardConfig, config)
     episodes = []
     for p in range(config.prompts):
         index = step * config.prompts + p
@@ -286,7 +275,7 @@ def run(config) -> int:
             path = train.save_checkpoint(run_path, step, model, init, optimizer,
                                          {"generator": generator.get_state().tolist(), "init": init})
     train.set_latest(run_path, path)
-    print(f"done: {path} (runs/grpo/latest)", file=sys.stderr)
+    print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
     return 0
 
 

@@ -52,17 +52,8 @@ class InferOptions:
                                     "a longer episode ends as truncated", "run")
 
 
-def _fields(cls):
-    return [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-            for f in dataclasses.fields(cls)]
-
-
 InferConfig = dataclasses.make_dataclass(
-    "InferConfig", _fields(InferOptions) + _fields(EnvConfig) + _fields(RewardConfig))
-
-
-def sub_config(cls, config):
-    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+    "InferConfig", cli.config_fields(InferOptions) + cli.config_fields(EnvConfig) + cli.config_fields(RewardConfig))
 
 
 def print_summary(s: dict) -> None:
@@ -182,7 +173,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
 def run(config) -> int:
     validate(config)
     cli.log_config(config)
-    env_config, reward_config = sub_config(EnvConfig, config), sub_config(RewardConfig, config)
+    env_config, reward_config = cli.sub_config(EnvConfig, config), cli.sub_config(RewardConfig, config)
     if config.table:
         table(config.n, config.seed, config.split, env_config, reward_config, config.json)
     elif config.eval:

@@ -66,12 +66,8 @@ class SFTOptions:
                                         "splits a step into passes of this size)", "optimizer")
 
 
-def _fields(cls):
-    return [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-            for f in dataclasses.fields(cls)]
-
-
-SFTConfig = dataclasses.make_dataclass("SFTConfig", _fields(SFTOptions) + _fields(train.TrainConfig))
+SFTConfig = dataclasses.make_dataclass("SFTConfig", cli.config_fields(SFTOptions)
+                                       + cli.config_fields(train.TrainConfig, eval_every=250))
 
 
 # ---------------------------------------------------------------- data
@@ -247,7 +243,9 @@ def run(config) -> int:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     run_path = train.run_dir(config, "sft")
+    t = time.time()
     rows, tokenizer, tokenizer_dir, model = prepare(config, run_path, device)
+    seconds = {"data_and_tokenizer": time.time() - t, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
     t = time.time()
     examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]
     lengths = [len(ids) for ids, _ in examples]
@@ -285,6 +283,7 @@ def run(config) -> int:
         window["loss"] += loss_sum
         window["learned"] += 1
         window["time"] += time.time() - t0
+        seconds["train"] += time.time() - t0
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "epoch": stream.epoch,
                "step_seconds": time.time() - t0}
         if step % config.log_every == 0 or step == config.steps:
@@ -299,15 +298,20 @@ def run(config) -> int:
             s = train.evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
             row |= {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
             row["eval_seconds"] = time.time() - t1
+            seconds["eval"] += row["eval_seconds"]
             print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} "
                   f"rounds {s['rounds']:.2f} latency {s['latency']:.2f}s ({config.eval_n} {config.eval_split} "
                   f"tasks, {time.time() - t1:.0f}s)", file=sys.stderr)
         metrics.log(row)
         if step % config.ckpt_every == 0 or step == config.steps:
+            t1 = time.time()
             path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
                                          {"epoch": stream.epoch, "position": stream.position})
+            seconds["checkpoint"] += time.time() - t1
     train.set_latest(run_path, path)
-    print(f"done: {path} (runs/sft/latest)", file=sys.stderr)
+    metrics.log({"step": step, "seconds": seconds})
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), file=sys.stderr)
+    print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
     return 0
 
 
