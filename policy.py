@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import Transformer, load_model
+from model import Transformer, load_model, plain_causal_attention
 from tokenizer import Tokenizer
 
 
@@ -358,6 +358,64 @@ def token_logprobs(model: Transformer, input_ids: torch.Tensor) -> torch.Tensor:
     """
     logits = model(input_ids[:, :-1]).float()
     return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def shared_prefix_logits(model: Transformer, prefixes: list[list[int]], suffixes: list[list[int]],
+                         group_of: list[int], pad_id: int = 0) -> torch.Tensor:
+    """Training forward for groups of sequences that share a prompt: logits [N, T, vocab] of
+    the suffix tokens (right-padded to T), equal to running `model(prefix + suffix)` on each row.
+
+    Each prompt runs ONCE through the model, with grad; its per-layer K/V stay in the autograd
+    graph. The suffix rows then run as one batch whose attention is the engine's split: the
+    queries of a group's rows, folded into one query axis per kv head, attend to the one prompt
+    K/V (prefix part), each row attends causally to itself (suffix part), and the two are merged
+    by log-sum-exp. Autograd sums every row's gradient into its prompt's computation. The torch
+    reference ops are used on every device: they are differentiable, the Triton kernels are not.
+    Rows must be sorted by group (`group_of` non-decreasing).
+    """
+    from kernels import reference as ops
+    device = model.output_weight().device
+    assert len(suffixes) == len(group_of) and list(group_of) == sorted(group_of), "rows sorted by group"
+    assert all(prefixes) and all(suffixes), "empty prefix or suffix"
+    P = torch.tensor([len(p) for p in prefixes], device=device)
+    prefix_ids = torch.full((len(prefixes), int(P.max())), pad_id, dtype=torch.long, device=device)
+    for g, p in enumerate(prefixes):
+        prefix_ids[g, :len(p)] = torch.tensor(p)
+    kv = []
+
+    def record(layer_idx, q, k, v):
+        kv.append((k.transpose(1, 2), v.transpose(1, 2)))   # [groups, Hkv, P, D]
+        return plain_causal_attention(layer_idx, q, k, v)
+    model.hidden_states(prefix_ids, attention=record)
+
+    T = max(len(s) for s in suffixes)
+    suffix_ids = torch.full((len(suffixes), T), pad_id, dtype=torch.long, device=device)
+    for n, s in enumerate(suffixes):
+        suffix_ids[n, :len(s)] = torch.tensor(s)
+    rows = torch.tensor(group_of, device=device)
+    positions = P[rows][:, None] + torch.arange(T, device=device)[None, :]
+    spans = [(g, group_of.index(g), len(group_of) - group_of[::-1].index(g)) for g in sorted(set(group_of))]
+    scale = model.config.head_size ** -0.5
+
+    def split(layer_idx, q, k, v):
+        N, _, Hq, D = q.shape
+        Hkv = k.shape[2]
+        rep = Hq // Hkv
+        qh = q.transpose(1, 2)                               # [N, Hq, T, D]
+        kp, vp = kv[layer_idx]
+        outs, lses = [], []
+        for g, a, b in spans:   # fold a group's rows and the q heads of a kv head into one axis
+            n = b - a
+            qg = qh[a:b].reshape(n, Hkv, rep * T, D).transpose(0, 1).reshape(1, Hkv, n * rep * T, D)
+            o, lse = ops.prefix_attention(qg, kp[g:g + 1], vp[g:g + 1], P[g:g + 1], scale)
+            outs.append(o.reshape(Hkv, n, rep * T, D).transpose(0, 1).reshape(n, Hq, T, D))
+            lses.append(lse.reshape(Hkv, n, rep * T).transpose(0, 1).reshape(n, Hq, T))
+        out, _ = ops.suffix_merge_attention(qh, k.transpose(1, 2), v.transpose(1, 2),
+                                            torch.zeros(N, dtype=torch.long, device=device), scale,
+                                            torch.cat(outs), torch.cat(lses))
+        return out.transpose(1, 2)
+    hidden = model.hidden_states(suffix_ids, positions, attention=split)
+    return F.linear(hidden, model.output_weight())
 
 
 class Policy:

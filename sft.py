@@ -43,7 +43,7 @@ import train
 from baselines import scripted_policy
 from env import EnvConfig, Episode, play
 from model import PRESETS, build_model, load_model, num_parameters, preset_config
-from policy import Policy
+from policy import Policy, shared_prefix_logits
 from tasks import task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
 from tools import load_pool
@@ -57,6 +57,11 @@ class SFTOptions:
                                "(--no-recovery: failure-free trajectories only)", "data")
     data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
+    episodes_per_pool: int = cli.field(16, "consecutive episodes that share one pool draw (so one system prompt)", "data")
+    shared_prefix: bool = cli.field(False, "compute a shared system prompt once per micro-batch (split "
+                                    "attention); measured slower here: suffix lengths in a pool vary", "optimizer")
+    copy_warmup_steps: int = cli.field(150, "from scratch: steps of copying random token strings first, "
+                                       "so the model can copy names before it sees the protocol", "optimizer")
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
@@ -72,16 +77,19 @@ SFTConfig = dataclasses.make_dataclass("SFTConfig", cli.config_fields(SFTOptions
 
 # ---------------------------------------------------------------- data
 
-def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, pool: str = "seen") -> list[dict]:
-    """n oracle trajectories on train tasks (each in its own world) and fresh pool draws.
-    Deterministic given the arguments. Without recovery, failures are not injected and any
-    episode with a failed call is dropped; episodes the oracle got wrong are always dropped."""
+def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, pool: str = "seen",
+                      per_pool: int = 16) -> list[dict]:
+    """n oracle trajectories on train tasks (each in its own world); every `per_pool`
+    consecutive episodes share a pool draw (the same callees, described the same way, each
+    bound to its own episode's world), so they share their system prompt. Deterministic given
+    the arguments. Without recovery, failures are not injected and any episode with a failed
+    call is dropped; episodes the oracle got wrong are always dropped."""
     env = EnvConfig(failure_rate=failure_rate if recovery else 0.0)
     out, i = [], 0
     while len(out) < n:
         task = task_at("train", i, seed)
-        episode = Episode(task, load_pool(pool, task_world(task), random.Random(f"sft-pool:{seed}:{i}")),
-                          env, seed=f"sft:{seed}:{i}")
+        draw = random.Random(f"sft-pool:{seed}:{i // per_pool}")
+        episode = Episode(task, load_pool(pool, task_world(task), draw), env, seed=f"sft:{seed}:{i}")
         result = play(episode, scripted_policy("oracle", task, i))
         i += 1
         failures = result.exec_errors + result.timeouts + result.parse_errors
@@ -163,6 +171,35 @@ def bucketed_batches(lengths: list[int], budget: int, seed: int, epoch: int, win
     return batches
 
 
+def prefix_batches(prefix_of: list[int], prefix_lens: list[int], lengths: list[int], budget: int, seed: int,
+                   epoch: int) -> list[list[int]]:
+    """Micro-batches for shared-prefix training: each holds suffixes of one prefix, similar in
+    length, whose size (prefix once + rows x longest suffix) stays within `budget` tokens."""
+    rng = random.Random(f"prefix-batches:{seed}:{epoch}")
+    members: dict[int, list[int]] = {}
+    for i, p in enumerate(prefix_of):
+        members.setdefault(p, []).append(i)
+    batches = []
+    for p, idx in members.items():
+        batch: list[int] = []
+        for i in sorted(idx, key=lambda i: lengths[i]):
+            if batch and prefix_lens[p] + (len(batch) + 1) * lengths[i] > budget:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def split_prompt(tokenizer: Tokenizer, ids: list[int], mask: list[int], system: dict):
+    """(system prompt tokens, the rest of the stream and its mask): the stream's opening is the
+    system message's encoding, token for token (the boundary is a special token)."""
+    prefix = tokenizer.encode(tokenizer.render_turns([system], add_generation_prompt=False))
+    assert ids[:len(prefix)] == prefix, "the system prompt does not tokenize on its own"
+    return prefix, ids[len(prefix):], mask[len(prefix):]
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T] and next-token loss mask [B, T-1]."""
     T = max(len(ids) for ids, _ in examples)
@@ -174,34 +211,76 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
     return ids.to(device), mask[:, 1:].to(device)
 
 
-def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over learned positions of the next-token cross-entropy (the caller divides)."""
-    logits = model(ids[:, :-1]).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+def _masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (loss * mask.reshape(-1)).sum()
 
 
-class Stream:
-    """Steps of micro-batches, epoch after epoch, from a position (epoch, batch index)."""
+def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over learned positions of the next-token cross-entropy (the caller divides)."""
+    return _masked_ce_sum(model(ids[:, :-1]), ids[:, 1:], mask)
 
-    def __init__(self, lengths, config, epoch: int = 0, position: int = 0):
-        self.lengths, self.config = lengths, config
+
+def shared_sum_token_loss(model, prefix: list[int], suffixes: list[tuple[list[int], list[int]]], pad_id: int,
+                          device) -> torch.Tensor:
+    """The same sum for rows that share `prefix` (not learned), the prefix computed once
+    (policy.shared_prefix_logits). A suffix's first token is predicted from the prefix; it
+    is the next message's opening, never learned, so its loss is left out."""
+    ids, mask = collate(suffixes, pad_id, device)
+    logits = shared_prefix_logits(model, [prefix], [s for s, _ in suffixes], [0] * len(suffixes), pad_id)
+    return _masked_ce_sum(logits[:, :-1], ids[:, 1:], mask)
+
+
+class Stream:
+    """Steps of micro-batches, epoch after epoch, from a position (epoch, batch index).
+    `make_batches(epoch)` lists an epoch's micro-batches, `size(batch)` their padded tokens."""
+
+    def __init__(self, make_batches, size, batch_tokens: int, epoch: int = 0, position: int = 0):
+        self.make_batches, self.size, self.batch_tokens = make_batches, size, batch_tokens
         self.epoch, self.position = epoch, position
-        self.batches = bucketed_batches(lengths, config.micro_batch_tokens, config.seed, epoch)
+        self.batches = make_batches(epoch)
 
     def next_step(self) -> list[list[int]]:
-        """Micro-batches totalling about --batch-tokens padded tokens."""
+        """Micro-batches whose padded tokens add up to at most --batch-tokens (at least one)."""
         out, tokens = [], 0
-        while tokens < self.config.batch_tokens:
+        while True:
             if self.position >= len(self.batches):
                 self.epoch, self.position = self.epoch + 1, 0
-                self.batches = bucketed_batches(self.lengths, self.config.micro_batch_tokens,
-                                                self.config.seed, self.epoch)
+                self.batches = self.make_batches(self.epoch)
             batch = self.batches[self.position]
-            self.position += 1
+            if out and tokens + self.size(batch) > self.batch_tokens:
+                return out
             out.append(batch)
-            tokens += len(batch) * max(self.lengths[i] for i in batch)
-        return out
+            tokens += self.size(batch)
+            self.position += 1
+
+
+def copy_warmup(model, vocab: list[int], steps: int, seed: int, device, batch: int = 32, lr: float = 3e-3,
+                span: int = 64) -> float:
+    """Teach a fresh model to copy before it learns the protocol: rows of `span` random tokens
+    followed by the same tokens again, the loss on the repeat. Induction heads (attend to the
+    token after the previous occurrence of the current one, copy it) form here in a few
+    hundred steps; without them, 1000 SFT steps left the tiny model writing names seen in
+    training instead of the ones in the question. Returns the final copy loss."""
+    g = torch.Generator().manual_seed(seed)
+    vocab_t = torch.tensor(vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    mask = torch.zeros(batch, 2 * span - 1)
+    mask[:, span:] = 1.0                      # positions that predict the 2nd..last repeated token
+    loss_value = float("nan")
+    for step in range(steps):
+        x = vocab_t[torch.randint(len(vocab), (batch, span), generator=g)]
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
+        loss = sum_token_loss(model, torch.cat([x, x], 1).to(device), mask.to(device)) / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if (step + 1) % 25 == 0:
+            print(f"copy warm-up {step + 1}/{steps}: loss {loss_value:.3f}", file=sys.stderr, flush=True)
+    return loss_value
 
 
 # ---------------------------------------------------------------- the run
@@ -213,7 +292,8 @@ def prepare(config, run: Path, device: str):
         rows = read_jsonl(data_path)
     else:
         t = time.time()
-        rows = generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool)
+        rows = generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool,
+                                 config.episodes_per_pool)
         write_jsonl(rows, data_path)
         print(f"data: {len(rows)} oracle episodes in {time.time() - t:.1f}s -> {data_path}", file=sys.stderr)
     tokenizer_dir = run / "tokenizer"
@@ -257,25 +337,63 @@ def run(config) -> int:
     optimizer = train.make_optimizer(model, config)
     step, epoch, position = 0, 0, 0
     resume_from = train.resume_point(run_path) if config.resume else None
+    if resume_from is None and not config.init and config.copy_warmup_steps > 0:
+        t = time.time()
+        special = set(tokenizer.eos_token_ids) | {tokenizer.im_start_id, tokenizer.pad_token_id}
+        vocab = [i for i in range(tokenizer.vocab_size) if i not in special]
+        copy_loss = copy_warmup(model, vocab, config.copy_warmup_steps, config.seed, device)
+        seconds["copy_warmup"] = time.time() - t
+        metrics_row = {"step": 0, "copy_warmup_loss": copy_loss, "copy_warmup_seconds": seconds["copy_warmup"]}
+        with open(run_path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics_row) + "\n")
     if resume_from is not None:
         state = train.load_training_state(resume_from, model, optimizer)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
-    stream = Stream(lengths, config, epoch, position)
+    if config.shared_prefix:
+        prefix_id: dict[tuple, int] = {}
+        prefixes, prefix_of, suffixes = [], [], []
+        for (ids, mask), r in zip(examples, rows):
+            prefix, rest, rest_mask = split_prompt(tokenizer, ids, mask, r["messages"][0])
+            if tuple(prefix) not in prefix_id:
+                prefix_id[tuple(prefix)] = len(prefixes)
+                prefixes.append(prefix)
+            prefix_of.append(prefix_id[tuple(prefix)])
+            suffixes.append((rest, rest_mask))
+        suffix_lens = [len(s) for s, _ in suffixes]
+        prefix_lens = [len(p) for p in prefixes]
+        stream = Stream(lambda e: prefix_batches(prefix_of, prefix_lens, suffix_lens, config.micro_batch_tokens,
+                                                 config.seed, e),
+                        lambda b: prefix_lens[prefix_of[b[0]]] + len(b) * max(suffix_lens[i] for i in b),
+                        config.batch_tokens, epoch, position)
+        print(f"shared prefix: {len(prefixes)} system prompts of {sum(prefix_lens) / len(prefixes):.0f} tokens "
+              f"on average, each computed once per micro-batch", file=sys.stderr)
+    else:
+        stream = Stream(lambda e: bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
+                        lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens, epoch, position)
     metrics = train.Metrics(run_path, config.steps, step)
     policy = Policy(model, tokenizer)
-    window = {"loss": 0.0, "tokens": 0, "padded": 0, "learned": 0, "time": 0.0}
+    # tokens: the episodes' full length (what tok/s reports); computed: what the passes ran on
+    # without padding (the prompt once per micro-batch when shared); padded: with padding
+    window = {"loss": 0.0, "tokens": 0, "computed": 0, "padded": 0, "learned": 0, "time": 0.0}
     while step < config.steps:
         t0 = time.time()
         micro = stream.next_step()
         n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
         loss_sum = 0.0
         for batch in micro:
-            ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
-            loss = sum_token_loss(model, ids, mask) / n_learned
+            if config.shared_prefix:
+                p = prefix_of[batch[0]]
+                loss = shared_sum_token_loss(model, prefixes[p], [suffixes[i] for i in batch],
+                                             tokenizer.pad_token_id, device) / n_learned
+                window["computed"] += prefix_lens[p] + sum(suffix_lens[i] for i in batch)
+            else:
+                ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
+                loss = sum_token_loss(model, ids, mask) / n_learned
+                window["computed"] += sum(lengths[i] for i in batch)
             loss.backward()
             loss_sum += loss.item()
-            window["padded"] += ids.numel()
+            window["padded"] += stream.size(batch)
             window["tokens"] += sum(lengths[i] for i in batch)
         lr = train.lr_at(step, config.steps, config)
         grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
@@ -288,7 +406,7 @@ def run(config) -> int:
                "step_seconds": time.time() - t0}
         if step % config.log_every == 0 or step == config.steps:
             tok_s = window["tokens"] / max(window["time"], 1e-9)
-            pad = 1 - window["tokens"] / max(window["padded"], 1)
+            pad = 1 - window["computed"] / max(window["padded"], 1)
             row |= {"train_tokens_per_s": tok_s, "pad_fraction": pad}
             metrics.progress(step, loss=window["loss"] / window["learned"], lr=lr, tok_s=round(tok_s),
                              pad=round(pad, 3), epoch=stream.epoch)
