@@ -279,13 +279,9 @@ def run(config) -> int:
     return 0
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    config = cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0])
-    try:
-        return run(config)
-    except train.TrainingError as e:
-        print(f"grpo.py: {e}", file=sys.stderr)
-        return 2
+    return run(cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

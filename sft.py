@@ -57,11 +57,10 @@ class SFTOptions:
                                "(--no-recovery: failure-free trajectories only)", "data")
     data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
-    episodes_per_pool: int = cli.field(16, "consecutive episodes that share one pool draw (so one system prompt)", "data")
+    episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
+                                       "(what --shared-prefix needs to pay)", "data")
     shared_prefix: bool = cli.field(False, "compute a shared system prompt once per micro-batch (split "
                                     "attention); measured slower here: suffix lengths in a pool vary", "optimizer")
-    copy_warmup_steps: int = cli.field(150, "from scratch: steps of copying random token strings first, "
-                                       "so the model can copy names before it sees the protocol", "optimizer")
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
@@ -255,34 +254,6 @@ class Stream:
             self.position += 1
 
 
-def copy_warmup(model, vocab: list[int], steps: int, seed: int, device, batch: int = 32, lr: float = 3e-3,
-                span: int = 64) -> float:
-    """Teach a fresh model to copy before it learns the protocol: rows of `span` random tokens
-    followed by the same tokens again, the loss on the repeat. Induction heads (attend to the
-    token after the previous occurrence of the current one, copy it) form here in a few
-    hundred steps; without them, 1000 SFT steps left the tiny model writing names seen in
-    training instead of the ones in the question. Returns the final copy loss."""
-    g = torch.Generator().manual_seed(seed)
-    vocab_t = torch.tensor(vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    mask = torch.zeros(batch, 2 * span - 1)
-    mask[:, span:] = 1.0                      # positions that predict the 2nd..last repeated token
-    loss_value = float("nan")
-    for step in range(steps):
-        x = vocab_t[torch.randint(len(vocab), (batch, span), generator=g)]
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20)
-        loss = sum_token_loss(model, torch.cat([x, x], 1).to(device), mask.to(device)) / mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if (step + 1) % 25 == 0:
-            print(f"copy warm-up {step + 1}/{steps}: loss {loss_value:.3f}", file=sys.stderr, flush=True)
-    return loss_value
-
-
 # ---------------------------------------------------------------- the run
 
 def prepare(config, run: Path, device: str):
@@ -337,15 +308,6 @@ def run(config) -> int:
     optimizer = train.make_optimizer(model, config)
     step, epoch, position = 0, 0, 0
     resume_from = train.resume_point(run_path) if config.resume else None
-    if resume_from is None and not config.init and config.copy_warmup_steps > 0:
-        t = time.time()
-        special = set(tokenizer.eos_token_ids) | {tokenizer.im_start_id, tokenizer.pad_token_id}
-        vocab = [i for i in range(tokenizer.vocab_size) if i not in special]
-        copy_loss = copy_warmup(model, vocab, config.copy_warmup_steps, config.seed, device)
-        seconds["copy_warmup"] = time.time() - t
-        metrics_row = {"step": 0, "copy_warmup_loss": copy_loss, "copy_warmup_seconds": seconds["copy_warmup"]}
-        with open(run_path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics_row) + "\n")
     if resume_from is not None:
         state = train.load_training_state(resume_from, model, optimizer)
         step, epoch, position = state["step"], state["epoch"], state["position"]
@@ -433,13 +395,9 @@ def run(config) -> int:
     return 0
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    config = cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0])
-    try:
-        return run(config)
-    except train.TrainingError as e:
-        print(f"sft.py: {e}", file=sys.stderr)
-        return 2
+    return run(cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

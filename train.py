@@ -65,7 +65,7 @@ def resolve_device(device: str) -> str:
 
 # ---------------------------------------------------------------- run folders
 
-class TrainingError(Exception):
+class TrainingError(cli.UsageError):
     """A problem a user can fix (missing or broken checkpoint, bad flags): one clear line."""
 
 
