@@ -105,3 +105,46 @@ def test_grpo_step_equals_a_plain_reference_loop(aggregation):
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for (name, p), q in zip(policy.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grpo_runs_end_to_end_and_resumes(tmp_path):
+    """grpo.py on a tiny random checkpoint: rollouts through the environment, every logged
+    term present, checkpoints, runs/grpo/latest, and --resume continuing from the last one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sft import generate_episodes
+    from tokenizer import Tokenizer, train_tokenizer
+    rows = generate_episodes(40, seed=0, failure_rate=0.2, recovery=True)
+    tok = train_tokenizer([Tokenizer.render_turns(r["messages"]) for r in rows], vocab_size=500)
+    ckpt = tmp_path / "init"
+    tok.save(ckpt)
+    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    M.save_model(M.init_weights(M.Transformer(config), seed=0), ckpt, tokenizer_dir=ckpt)
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, str(root / "grpo.py"), "--init", str(ckpt), "--runs-dir", str(tmp_path), "--name", "g",
+            "--prompts", "2", "--group", "3", "--max-new-tokens", "24", "--max-turns", "2", "--eval-n", "2",
+            "--eval-every", "0", "--ckpt-every", "1", "--kl-coef", "0.05"]
+    out = subprocess.run(args + ["--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "success", "format_error_rate", "rounds", "latency", "cost", "tokens", "r_success",
+                "r_protocol", "r_diversity", "r_latency", "zero_variance_groups", "rollout_tokens_per_s",
+                "rollout_seconds", "train_seconds", "eval_success"):
+        assert key in rows[-1], key
+    assert (tmp_path / "grpo" / "latest").resolve().name == "step-000002"
+    out = subprocess.run(args + ["--steps", "3", "--resume"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "resumed from" in out.stderr and "step-000002" in out.stderr, out.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "grpo" / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_grpo_without_an_sft_checkpoint_says_what_to_run(tmp_path, capsys):
+    import grpo
+    assert grpo.main(["--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "python sft.py" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
