@@ -39,7 +39,7 @@ import cli
 import rl_loss
 import train
 from env import EnvConfig, Episode, RewardConfig, group_rewards
-from policy import Policy, play_batch
+from policy import Policy, play_batch, shared_prefix_logits
 from tasks import task_at, task_world
 from tools import load_pool
 
@@ -68,6 +68,8 @@ class GRPOOptions:
     drop_zero_variance: bool = cli.field(True, "leave groups whose rewards are all equal out of the training pass", "loss")
     updates_per_batch: int = cli.field(1, "optimizer steps per rollout batch", "loss")
     micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass", "loss")
+    shared_prefix_train: bool = cli.field(False, "training pass: a group's prompt computed once, its episodes "
+                                          "attending to it by split attention (equal to the plain pass)", "loss")
 
 
 # GRPO's optimizer defaults differ from SFT's: a smaller step from a trained model
@@ -86,6 +88,7 @@ class Rollout:
     mask: list[int]         # 1 on generated tokens (next-token positions, aligned with ids[1:])
     logp_old: list[float]   # aligned with ids[1:], 0 where mask is 0
     reward: float
+    prompt_len: int = 0     # the prompt's tokens: ids[:prompt_len], shared by the episode's group
     advantage: float = 0.0
 
 
@@ -123,7 +126,7 @@ def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Epi
         ids = prompt + tokens
         mask = [0] * (len(prompt) - 1) + [int(x) for x in learn]
         logp_old = [0.0] * (len(prompt) - 1) + [lp if lp is not None else 0.0 for lp in logps]
-        rollouts.append(Rollout(ids, mask, logp_old, result.reward))
+        rollouts.append(Rollout(ids, mask, logp_old, result.reward, len(prompt)))
     generated = sum(sum(1 for lp in engine.logprobs[b] if lp is not None) for b in branch_of)
     stats = {"rollout_seconds": rollout_seconds, "generated_tokens": generated,
              "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9)}
@@ -159,21 +162,53 @@ def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
     return out + ([batch] if batch else [])
 
 
+def _plain_pass(model, batch: list[Rollout], device):
+    """Each episode in full: log-probs and entropies [B, T-1], with mask and old log-probs."""
+    ids = _pad([r.ids for r in batch], 0, torch.long, device)
+    return (ids, _pad([r.mask for r in batch], 0, torch.float32, device),
+            _pad([r.logp_old for r in batch], 0.0, torch.float32, device), lambda m: sequence_logprobs(m, ids))
+
+
+def _shared_pass(model, batch: list[Rollout], device):
+    """Episodes of one prompt: the prompt (less its last token) runs once, the rest of each
+    episode attends to it (policy.shared_prefix_logits). The last prompt token starts each
+    suffix, so the first generated token is predicted inside the suffix pass."""
+    P = batch[0].prompt_len - 1
+    assert all(r.ids[:P + 1] == batch[0].ids[:P + 1] for r in batch), "a batch must share its prompt"
+    suffixes = [r.ids[P:] for r in batch]
+    ids = _pad(suffixes, 0, torch.long, device)
+
+    def logprobs(m):
+        logits = shared_prefix_logits(m, [batch[0].ids[:P]], suffixes, [0] * len(batch))[:, :-1].float()
+        logp_all = torch.log_softmax(logits, -1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), entropy
+    return (ids, _pad([r.mask[P:] for r in batch], 0, torch.float32, device),
+            _pad([r.logp_old[P:] for r in batch], 0.0, torch.float32, device), logprobs)
+
+
 def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device) -> dict:
-    """One optimizer step on the rollouts (gradient accumulated over micro-batches)."""
+    """One optimizer step on the rollouts (gradient accumulated over micro-batches): each
+    episode in full, or (--shared-prefix-train) one pass per group of episodes sharing a prompt."""
     total_tokens = sum(sum(r.mask) for r in rollouts)
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
-    for batch in micro_batches(rollouts, config.micro_batch_tokens):
-        ids = _pad([r.ids for r in batch], 0, torch.long, device)
-        mask = _pad([r.mask for r in batch], 0, torch.float32, device)
-        logp_old = _pad([r.logp_old for r in batch], 0.0, torch.float32, device)
+    if getattr(config, "shared_prefix_train", False):
+        groups: dict[tuple, list[Rollout]] = {}
+        for r in rollouts:
+            groups.setdefault(tuple(r.ids[:r.prompt_len]), []).append(r)
+        batches, make = list(groups.values()), _shared_pass
+    else:
+        batches, make = micro_batches(rollouts, config.micro_batch_tokens), _plain_pass
+    for batch in batches:
+        ids, mask, logp_old, logprobs = make(model, batch, device)
         adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
-        logp, entropy = sequence_logprobs(model, ids)
+        logp, entropy = logprobs(model)
         logp_ref = None
         if reference is not None:
             with torch.no_grad():
-                logp_ref, _ = sequence_logprobs(reference, ids)
+                logp_ref, _ = logprobs(reference)
         loss, stats = rl_loss.grpo_loss(logp, logp_old, adv, mask, config.clip_low, config.clip_high,
                                         config.kl_coef, logp_ref, config.aggregation, config.norm_tokens,
                                         total_tokens=total_tokens, episodes=len(rollouts))
@@ -183,7 +218,7 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
             sums[k] += stats[k] * n
         sums["entropy"] += (entropy * mask).sum().item()
         sums["loss"] += loss.item()
-        trained_tokens += ids.numel()
+        trained_tokens += ids.numel() + (batch[0].prompt_len - 1 if make is _shared_pass else 0)
     grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
     out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}

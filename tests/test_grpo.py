@@ -148,3 +148,35 @@ def test_grpo_without_an_sft_checkpoint_says_what_to_run(tmp_path, capsys):
     assert grpo.main(["--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "python sft.py" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "constant"])
+def test_shared_prefix_training_step_equals_the_plain_step(aggregation):
+    """--shared-prefix-train: the same loss and the same updated weights as the plain pass, for
+    two groups of prompts of different lengths with ragged episodes."""
+    g = torch.Generator().manual_seed(1)
+    rollouts = []
+    for prompt_len in (14, 9):
+        prompt = torch.randint(0, 50, (prompt_len,), generator=g).tolist()
+        for k in range(3):
+            rest = torch.randint(0, 50, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            ids = prompt + rest
+            mask = [0] * (prompt_len - 1) + [int(torch.rand(1, generator=g) < 0.7) for _ in rest]
+            old = [(-2.0 - 0.1 * t) if m else 0.0 for t, m in enumerate(mask)]
+            rollouts.append(Rollout(ids, mask, old, 0.0, prompt_len, advantage=(-1.0) ** k * 0.5))
+    config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
+                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, lr=1e-2,
+                             weight_decay=0.0, beta2=0.99, shared_prefix_train=False)
+    reference = _model()
+    plain, shared = _model(), _model()
+    start = [p.detach().clone() for p in plain.parameters()]
+    # plain SGD with lr 1, so the step is the gradient itself (Adam would blow up the
+    # roundoff of near-zero gradients into full-size steps)
+    a = train_on(plain, reference, torch.optim.SGD(plain.parameters(), lr=1.0), rollouts, config, 1.0, "cpu")
+    config.shared_prefix_train = True
+    b = train_on(shared, reference, torch.optim.SGD(shared.parameters(), lr=1.0), rollouts, config, 1.0, "cpu")
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
+    for (name, p), q, p0 in zip(plain.named_parameters(), shared.parameters(), start):
+        g_plain, g_shared = p0 - p.detach(), p0 - q.detach()
+        assert ((g_shared - g_plain).norm() / g_plain.norm().clamp(min=1e-12)).item() < 1e-5, name
