@@ -162,7 +162,8 @@ def _sft(tmp_path, name, *extra):
 
 
 def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
