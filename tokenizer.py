@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 # The protocol's tags (env.py speaks them). `<call`, `<state`, `<result` are open tags that take
@@ -116,13 +116,7 @@ def _token_text(token) -> str | None:
 def train_tokenizer(texts, vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
     """A byte-level BPE trained on `texts`, with ChatML markers and protocol tags as single tokens."""
     tok = HFTokenizer(models.BPE())
-    # Words keep their leading space, but every punctuation mark is a piece of its own: a name
-    # is then preceded by the same token '"' in a pool line (- "ember") and in a call
-    # (to="ember"), and a model can copy it by matching that token (an induction head),
-    # which '="' and ' "' as two different tokens would not allow.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?\p{L}+| ?\p{N}+|[^\s\p{L}\p{N}]|\s+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = [END_OF_TEXT, IM_START, IM_END]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
