@@ -32,17 +32,21 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def latest_checkpoint(runs_dir: str = "runs") -> str | None:
-    """The newest finished checkpoint: runs/grpo/latest, else runs/sft/latest (a symlink or a
-    text file holding the folder's path)."""
-    for stage in ("grpo", "sft"):
-        latest = os.path.join(runs_dir, stage, "latest")
-        if os.path.islink(latest) or os.path.isdir(latest):
-            return os.path.realpath(latest)
-        if os.path.isfile(latest):
-            target = open(latest).read().strip()
-            return target if os.path.isabs(target) else os.path.join(runs_dir, stage, target)
+def latest_of(runs_dir, stage: str) -> str | None:
+    """The checkpoint runs/<stage>/latest names (a symlink, or a text file holding the
+    folder's path), or None."""
+    latest = os.path.join(runs_dir, stage, "latest")
+    if os.path.islink(latest) or os.path.isdir(latest):
+        return os.path.realpath(latest) if os.path.exists(latest) else None
+    if os.path.isfile(latest):
+        target = open(latest).read().strip()
+        return target if os.path.isabs(target) else os.path.join(runs_dir, stage, target)
     return None
+
+
+def latest_checkpoint(runs_dir: str = "runs") -> str | None:
+    """The newest finished checkpoint: runs/grpo/latest, else runs/sft/latest."""
+    return latest_of(runs_dir, "grpo") or latest_of(runs_dir, "sft")
 
 
 def play_episodes(policy, episodes: list[Episode], indices: list[int], device: str = "auto",

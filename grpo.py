@@ -38,7 +38,8 @@ import torch
 import cli
 import rl_loss
 import train
-from env import EnvConfig, Episode, RewardConfig, group_rewards
+from env import EnvConfig, Episode, EpisodeResult, RewardConfig, group_rewards
+from evaluation import latest_of, resolve_device, summarize
 from policy import Policy, play_batch, shared_prefix_logits
 from tasks import task_at, task_world
 from tools import load_pool
@@ -92,8 +93,9 @@ class Rollout:
     advantage: float = 0.0
 
 
-def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Episode], list[Rollout], dict]:
-    """--prompts x --group episodes played on one engine; their token streams and rewards."""
+def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[EpisodeResult], list[Rollout], dict]:
+    """--prompts x --group episodes played on one engine: their scored results (group rewards
+    included), token streams and timing."""
     env = cli.sub_config(EnvConfig, config)
     if config.serial_only:
         env.max_calls_per_turn = 1
@@ -130,7 +132,7 @@ def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Epi
     generated = sum(sum(1 for lp in engine.logprobs[b] if lp is not None) for b in branch_of)
     stats = {"rollout_seconds": rollout_seconds, "generated_tokens": generated,
              "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9)}
-    return episodes, rollouts, stats
+    return results, rollouts, stats
 
 
 # ---------------------------------------------------------------- the training pass
@@ -194,7 +196,7 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
     total_tokens = sum(sum(r.mask) for r in rollouts)
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
-    if getattr(config, "shared_prefix_train", False):
+    if config.shared_prefix_train:
         groups: dict[tuple, list[Rollout]] = {}
         for r in rollouts:
             groups.setdefault(tuple(r.ids[:r.prompt_len]), []).append(r)
@@ -224,31 +226,27 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}
 
 
-def episode_stats(episodes: list[Episode], group: int) -> dict:
-    results = [e.result() for e in episodes]
-    n = len(results)
-    mean = lambda xs: sum(xs) / n
-    rewards = [r.reward for r in results]
-    zero_var = sum(len(set(rewards[k:k + group])) == 1 for k in range(0, n, group)) / (n // group)
-    out = {"reward": mean(rewards), "success": mean(r.success for r in results),
-           "format_error_rate": mean(r.parse_errors > 0 or r.outside_turns > 0 for r in results),
-           "protocol": mean(r.protocol_ok for r in results), "rounds": mean(r.rounds for r in results),
-           "latency": mean(r.latency for r in results), "cost": mean(r.cost for r in results),
-           "tokens": mean(r.tokens for r in results), "truncated": mean(r.truncated for r in results),
-           "zero_variance_groups": zero_var}
-    for term in results[0].rewards:
-        out[f"r_{term}"] = mean(r.rewards[term] for r in results)
-    return out
+def episode_stats(results: list[EpisodeResult], flat_groups: torch.Tensor) -> dict:
+    """The step's rollout metrics: evaluation.summarize's means (rewards as scored for training,
+    group diversity included), each reward term as r_<term>, the format-error rate and the
+    fraction of groups whose rewards are all equal."""
+    s = summarize(results, [])
+    terms = s.pop("reward_terms")
+    for key in ("latency_width3", "n_width3"):
+        s.pop(key)
+    s["format_error_rate"] = sum(r.parse_errors > 0 or r.outside_turns > 0 for r in results) / len(results)
+    s["zero_variance_groups"] = flat_groups.float().mean().item()
+    return s | {f"r_{term}": value for term, value in terms.items()}
 
 
 # ---------------------------------------------------------------- the run
 
 def run(config) -> int:
     cli.log_config(config)
-    device = train.resolve_device(config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    init = config.init or str(train.latest_of(config.runs_dir, "sft") or "")
+    init = config.init or latest_of(config.runs_dir, "sft") or ""
     if not init:
         raise train.TrainingError(f"no SFT checkpoint to start from ({config.runs_dir}/sft/latest does not exist): "
                                   "run `python sft.py` first, or pass --init CHECKPOINT")
@@ -274,7 +272,7 @@ def run(config) -> int:
     while step < config.steps:
         t0 = time.time()
         model.eval()
-        episodes, rollouts, rstats = rollout_step(policy, config, step, generator)
+        results, rollouts, rstats = rollout_step(policy, config, step, generator)
         model.train()
         rewards = torch.tensor([r.reward for r in rollouts]).view(config.prompts, config.group)
         advantages = rl_loss.group_advantages(rewards, config.std_normalize).flatten().tolist()
@@ -290,16 +288,11 @@ def run(config) -> int:
             tstats = train_on(model, reference, optimizer, keep, config, lr, device)
         train_seconds = time.time() - t1
         step += 1
-        row = {"step": step, "lr": lr, **episode_stats(episodes, config.group), **rstats, **tstats,
+        row = {"step": step, "lr": lr, **episode_stats(results, flat), **rstats, **tstats,
                "train_seconds": train_seconds, "trained_episodes": len(keep),
                "train_tokens_per_s": tstats.get("train_tokens", 0) * config.updates_per_batch / max(train_seconds, 1e-9)}
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-            t2 = time.time()
-            s = train.evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
-            row |= {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
-            row["eval_seconds"] = time.time() - t2
-            print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} rounds {s['rounds']:.2f} "
-                  f"latency {s['latency']:.2f}s cost {s['cost']:.4f}", file=sys.stderr)
+            row |= train.periodic_eval(policy, config, step)
         row["step_seconds"] = time.time() - t0
         metrics.log(row)
         if step % config.log_every == 0 or step == config.steps:

@@ -42,6 +42,7 @@ import cli
 import train
 from baselines import scripted_policy
 from env import EnvConfig, Episode, play
+from evaluation import resolve_device
 from model import PRESETS, build_model, load_model, num_parameters, preset_config
 from policy import Policy, shared_prefix_logits
 from tasks import task_at, task_world
@@ -290,7 +291,7 @@ def prepare(config, run: Path, device: str):
 
 def run(config) -> int:
     cli.log_config(config)
-    device = train.resolve_device(config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     run_path = train.run_dir(config, "sft")
@@ -374,14 +375,8 @@ def run(config) -> int:
                              pad=round(pad, 3), epoch=stream.epoch)
             window = dict.fromkeys(window, 0) | {"loss": 0.0, "time": 0.0}
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-            t1 = time.time()
-            s = train.evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
-            row |= {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
-            row["eval_seconds"] = time.time() - t1
+            row |= train.periodic_eval(policy, config, step)
             seconds["eval"] += row["eval_seconds"]
-            print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} "
-                  f"rounds {s['rounds']:.2f} latency {s['latency']:.2f}s ({config.eval_n} {config.eval_split} "
-                  f"tasks, {time.time() - t1:.0f}s)", file=sys.stderr)
         metrics.log(row)
         if step % config.ckpt_every == 0 or step == config.steps:
             t1 = time.time()

@@ -59,10 +59,6 @@ class TrainConfig:
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
 
 
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 # ---------------------------------------------------------------- run folders
 
 class TrainingError(cli.UsageError):
@@ -97,12 +93,6 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step-*"))
 
 
-def latest_of(runs_dir, stage: str) -> Path | None:
-    """The checkpoint runs/<stage>/latest points at, or None."""
-    latest = Path(runs_dir) / stage / "latest"
-    return latest.resolve() if latest.exists() else None
-
-
 def set_latest(run: Path, checkpoint: Path) -> None:
     """Point runs/<stage>/latest at a finished checkpoint (relative symlink, atomic replace)."""
     latest = run.parent / "latest"
@@ -116,8 +106,10 @@ def set_latest(run: Path, checkpoint: Path) -> None:
 # ---------------------------------------------------------------- optimizer and schedule
 
 def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embed" not in n)]
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else rest).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": rest, "weight_decay": 0.0}],
                              lr=config.lr, betas=(0.9, config.beta2), eps=1e-8)
@@ -241,3 +233,16 @@ def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config
                             reward_config or RewardConfig(), batch=batch, quiet=True)
     finally:
         policy.model.train(was_training)
+
+
+def periodic_eval(policy, config, step: int) -> dict:
+    """The held-out evaluation both stages log: `eval_*` metrics for the step's row, and one
+    line on stderr."""
+    start = time.time()
+    s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
+    row = {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
+    row["eval_seconds"] = time.time() - start
+    print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} rounds {s['rounds']:.2f} "
+          f"latency {s['latency']:.2f}s cost {s['cost']:.4f} ({config.eval_n} {config.eval_split} tasks, "
+          f"{row['eval_seconds']:.0f}s)", file=sys.stderr)
+    return row

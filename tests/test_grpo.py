@@ -71,8 +71,7 @@ def _episodes(model):
 @pytest.mark.parametrize("aggregation", ["token-mean", "constant"])
 def test_grpo_step_equals_a_plain_reference_loop(aggregation):
     config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
-                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, lr=1e-2,
-                             weight_decay=0.0, beta2=0.99)
+                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False)
     policy, reference = _model(), _model()
     with torch.no_grad():
         for p in reference.parameters():
@@ -164,8 +163,7 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation):
             old = [(-2.0 - 0.1 * t) if m else 0.0 for t, m in enumerate(mask)]
             rollouts.append(Rollout(ids, mask, old, 0.0, prompt_len, advantage=(-1.0) ** k * 0.5))
     config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
-                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, lr=1e-2,
-                             weight_decay=0.0, beta2=0.99, shared_prefix_train=False)
+                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False)
     reference = _model()
     plain, shared = _model(), _model()
     start = [p.detach().clone() for p in plain.parameters()]

@@ -12,7 +12,6 @@ import random
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -94,7 +93,7 @@ def test_hook_tampering_gains_nothing(canaries, tmp_path):
     assert r.status == OK, r
     assert "system 32512" in r.text       # the hook let os.system through: no shell exists inside
     assert secret not in r.text and not marker.exists()
-    assert f"False ['dev', 'lib', 'lib64', 'proc', 'root', 'tmp', 'usr']" in r.text   # no project, no /work
+    assert "False ['dev', 'lib', 'lib64', 'proc', 'root', 'tmp', 'usr']" in r.text   # no project, no /work
 
 
 def test_private_spawn_primitives(tmp_path):
