@@ -12,6 +12,13 @@ included), decode-only tokens/s (end-to-end time minus the prefill), and KV-cach
 also the peak allocated memory). The run first measures this machine's memory bandwidth and
 matmul throughput, and estimates the best decode step's floor from them: bytes read per step
 (weights + the KV each mode must read) over bandwidth, FLOPs per step over matmul throughput.
+
+`--train` times the other place a group shares its prompt: the GRPO training step
+(grpo.train_on: forward, backward, AdamW) on synthetic groups of G = --branches episodes,
+the plain pass (every episode with its own copy of the prompt) against --shared-prefix-train
+(the prompt once per group), interleaved in one run:
+
+    python bench.py --train --presets tiny smollm2-135m --branches 4 8 16
 """
 import dataclasses
 import json
@@ -39,6 +46,11 @@ class BenchConfig:
     seed: int = cli.field(0, "random weights and prompts", "run")
     json: bool = cli.field(False, "print the results as JSON instead of a table", "run")
     jsonl: str = cli.field("", "also append each row to this JSON-lines file as soon as it is measured", "run")
+    train: bool = cli.field(False, "instead: time the GRPO training step (forward + backward + AdamW), plain "
+                            "pass against --shared-prefix-train, on synthetic groups of --branches episodes", "train")
+    train_prompts: int = cli.field(2, "prompts (groups) per training step", "train")
+    train_prompt_len: int = cli.field(400, "tokens of each prompt (system prompt, pool and question)", "train")
+    train_suffix_len: int = cli.field(300, "mean tokens of an episode after its prompt (drawn in [0.5, 1.5] x this)", "train")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -141,7 +153,7 @@ def validate(cfg: BenchConfig) -> None:
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
         cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
-    for flag in ("new_tokens", "repeats", "tiny_vocab"):
+    for flag in ("new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len"):
         cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
 
 
@@ -154,6 +166,8 @@ def main(argv=None):
     dtype = M.default_dtype(cfg.device)
     if cfg.append_lens:
         return bench_append(cfg, dtype)
+    if cfg.train:
+        return bench_train(cfg, dtype)
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
@@ -237,6 +251,116 @@ def bench_append(cfg, dtype) -> int:
         print(f"{preset}, prompt {len(prompt)}, appends {cfg.append_lens}, {cfg.device}, best of {cfg.repeats}: "
               + ", ".join(f"{how} {s * 1000:.0f} ms" for how, s in best.items())
               + f"; packed is {best['padded'] / best['packed']:.2f}x faster than padded")
+    return 0
+
+
+def synthetic_rollouts(cfg, vocab_size, G, generator) -> list:
+    """GRPO rollouts of realistic shape: --train-prompts prompts of about --train-prompt-len
+    tokens, G episodes each with ragged suffixes, about 70% of suffix tokens generated (the rest
+    are state messages), nonzero advantages. Speed does not depend on the values."""
+    from grpo import Rollout
+    rollouts = []
+    for _ in range(cfg.train_prompts):
+        P = int(cfg.train_prompt_len * (0.9 + 0.2 * torch.rand(1, generator=generator).item()))
+        prompt = torch.randint(1, vocab_size, (P,), generator=generator).tolist()
+        for _ in range(G):
+            S = max(2, int(cfg.train_suffix_len * (0.5 + torch.rand(1, generator=generator).item())))
+            suffix = torch.randint(1, vocab_size, (S,), generator=generator).tolist()
+            mask = [0] * (P - 1) + (torch.rand(S, generator=generator) < 0.7).int().tolist()
+            rollouts.append(Rollout(prompt + suffix, mask, [-1.0 * m for m in mask], reward=0.0, prompt_len=P,
+                                    advantage=torch.randn(1, generator=generator).item()))
+    return rollouts
+
+
+def saved_activation_mb(model, rollouts, config, device) -> float:
+    """Bytes autograd keeps for backward at the peak of a step: the largest micro-batch, plus
+    (shared) its group's prompt, which stays until the group's last micro-batch is done.
+    Measured by hooking every tensor saved for backward (each storage once, no parameter),
+    running the same passes train_on runs, forward only."""
+    import grpo
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    store = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            store["now"][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    passes = (grpo.shared_passes if config.shared_prefix_train else grpo.plain_passes)(
+        model, None, rollouts, config.micro_batch_tokens, device)
+    prefix, peak = {}, 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        while True:
+            store["now"] = {}
+            item = next(passes, None)       # a new group's prompt runs here
+            if item is None:
+                return peak / 2**20
+            prefix = store["now"] or prefix
+            store["now"] = {}
+            logp, _ = item[3](model)
+            peak = max(peak, sum(prefix.values()) + sum(store["now"].values()))
+            del logp
+
+
+def bench_train(cfg, dtype) -> int:
+    """The GRPO training step, plain pass against the shared-prefix pass, interleaved in one
+    run (the fastest of --repeats kept): seconds per step, training tokens/s over the episodes'
+    full length, activation memory saved for backward, and on CUDA the peak allocated memory."""
+    import grpo
+    import train
+    rows = []
+    for preset in cfg.presets:
+        overrides = {"vocab_size": cfg.tiny_vocab} if preset == "tiny" else {}
+        model = M.build_model(M.preset_config(preset, **overrides), cfg.device, dtype, seed=cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for G in cfg.branches:
+            rollouts = synthetic_rollouts(cfg, model.config.vocab_size, G, generator)
+            tokens = sum(len(r.ids) for r in rollouts)
+            configs = {mode: grpo.GRPOConfig(shared_prefix_train=mode == "shared", group=G, device=cfg.device)
+                       for mode in ("plain", "shared")}
+            optimizer = train.make_optimizer(model, configs["plain"])
+            grpo.train_on(model, None, optimizer, rollouts[:2], configs["plain"], 1e-6, cfg.device)  # warm-up
+            best = {}
+            for _ in range(cfg.repeats):
+                for mode, config in configs.items():
+                    if cfg.device.startswith("cuda"):
+                        torch.cuda.reset_peak_memory_stats()
+                    sync(cfg.device)
+                    t0 = time.perf_counter()
+                    grpo.train_on(model, None, optimizer, rollouts, config, 1e-6, cfg.device)
+                    sync(cfg.device)
+                    seconds = time.perf_counter() - t0
+                    if mode not in best or seconds < best[mode]["seconds"]:
+                        best[mode] = {"seconds": seconds}
+                        if cfg.device.startswith("cuda"):
+                            best[mode]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            for mode, config in configs.items():
+                row = {"preset": preset, "G": G, "groups": cfg.train_prompts, "episode_tokens": tokens,
+                       "mode": mode, **best[mode], "train_tok_s": tokens / best[mode]["seconds"],
+                       "saved_mb": saved_activation_mb(model, rollouts, config, cfg.device)}
+                rows.append(row)
+                print(f"{preset} G={G} {mode}: {row['seconds']:.2f} s/step, {row['train_tok_s']:.0f} tok/s, "
+                      f"{row['saved_mb']:.0f} MB saved for backward", file=sys.stderr)
+            plain, shared = rows[-2], rows[-1]
+            shared["speedup"] = plain["seconds"] / shared["seconds"]
+            shared["saved_frac"] = shared["saved_mb"] / plain["saved_mb"]
+            if cfg.jsonl:
+                with open(cfg.jsonl, "a") as f:
+                    for row in (plain, shared):
+                        f.write(json.dumps({"device": cfg.device, **row}) + "\n")
+        del model
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+        return 0
+    cols = [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"), ("mode", "{}"),
+            ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"), ("peak_mb", "{:.0f}"),
+            ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
+    print(f"device {cfg.device}, dtype {dtype}, threads {torch.get_num_threads()}; GRPO training step "
+          f"(forward + backward + AdamW), prompts ~{cfg.train_prompt_len} tokens, suffixes ~{cfg.train_suffix_len}")
+    print("| " + " | ".join(k for k, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f.format(r[k]) if k in r else "" for k, f in cols) + " |")
     return 0
 
 

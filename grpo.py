@@ -40,7 +40,7 @@ import rl_loss
 import train
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, group_rewards
 from evaluation import latest_of, resolve_device, summarize
-from policy import Policy, play_batch, shared_prefix_logits
+from policy import Policy, play_batch, prefix_kv, suffix_logits
 from tasks import task_at, task_world
 from tools import load_pool
 
@@ -69,8 +69,9 @@ class GRPOOptions:
     drop_zero_variance: bool = cli.field(True, "leave groups whose rewards are all equal out of the training pass", "loss")
     updates_per_batch: int = cli.field(1, "optimizer steps per rollout batch", "loss")
     micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass", "loss")
-    shared_prefix_train: bool = cli.field(False, "training pass: a group's prompt computed once, its episodes "
-                                          "attending to it by split attention (equal to the plain pass)", "loss")
+    shared_prefix_train: bool = cli.field(True, "training pass: a group's prompt computed once, its episodes "
+                                          "attending to its K/V (equal to the plain pass, about 2x faster at G=8)",
+                                          "loss")
 
 
 # GRPO's optimizer defaults differ from SFT's: a smaller step from a trained model
@@ -153,58 +154,78 @@ def _pad(rows: list[list], value, dtype, device) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=dtype, device=device)
 
 
-def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
-    """Similar lengths together, each batch's padded size within `budget` tokens."""
+def micro_batches(rollouts: list[Rollout], budget: int, skip: int = 0, spread: float = 1.25) -> list[list[Rollout]]:
+    """Similar lengths together: each batch's padded size within `budget` tokens, and its longest
+    episode at most `spread` times its shortest, so padding stays small (lengths not counting
+    the first `skip` tokens of each episode: a shared prompt computed apart)."""
     out, batch = [], []
     for r in sorted(rollouts, key=lambda r: len(r.ids)):
-        if batch and (len(batch) + 1) * len(r.ids) > budget:
+        size = len(r.ids) - skip
+        if batch and ((len(batch) + 1) * size > budget or size > spread * (len(batch[0].ids) - skip)):
             out.append(batch)
             batch = []
         batch.append(r)
     return out + ([batch] if batch else [])
 
 
-def _plain_pass(model, batch: list[Rollout], device):
-    """Each episode in full: log-probs and entropies [B, T-1], with mask and old log-probs."""
-    ids = _pad([r.ids for r in batch], 0, torch.long, device)
-    return (ids, _pad([r.mask for r in batch], 0, torch.float32, device),
-            _pad([r.logp_old for r in batch], 0.0, torch.float32, device), lambda m: sequence_logprobs(m, ids))
+def plain_passes(model, reference, rollouts: list[Rollout], budget: int, device):
+    """Each episode in full, in micro-batches of similar lengths. Yields (episodes, mask,
+    old log-probs, logprobs(m) -> (log-probs, entropies) [B, T-1], tokens run)."""
+    for batch in micro_batches(rollouts, budget):
+        ids = _pad([r.ids for r in batch], 0, torch.long, device)
+        yield (batch, _pad([r.mask for r in batch], 0, torch.float32, device),
+               _pad([r.logp_old for r in batch], 0.0, torch.float32, device),
+               lambda m, ids=ids: sequence_logprobs(m, ids), ids.numel())
 
 
-def _shared_pass(model, batch: list[Rollout], device):
-    """Episodes of one prompt: the prompt (less its last token) runs once, the rest of each
-    episode attends to it (policy.shared_prefix_logits). The last prompt token starts each
-    suffix, so the first generated token is predicted inside the suffix pass."""
-    P = batch[0].prompt_len - 1
-    assert all(r.ids[:P + 1] == batch[0].ids[:P + 1] for r in batch), "a batch must share its prompt"
-    suffixes = [r.ids[P:] for r in batch]
-    ids = _pad(suffixes, 0, torch.long, device)
+def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device):
+    """The episodes of each prompt: the prompt (less its last token) runs ONCE (policy.prefix_kv);
+    the rest of each episode attends to its K/V (policy.suffix_logits), in micro-batches of
+    similar suffix lengths, so that neither padding nor memory grows with the group. The
+    micro-batches see the prompt's K/V as detached leaves; once the caller has run backward on
+    every micro-batch of a group, their summed gradient flows through the prompt's graph in one
+    backward. Same yields as plain_passes; the gradient equals the plain pass's."""
+    groups: dict[tuple, list[Rollout]] = {}
+    for r in rollouts:
+        groups.setdefault(tuple(r.ids[:r.prompt_len]), []).append(r)
+    for group in groups.values():
+        P = group[0].prompt_len - 1
+        if P < 1:   # nothing to share
+            yield from plain_passes(model, reference, group, budget, device)
+            continue
+        kv, lengths = prefix_kv(model, [group[0].ids[:P]])
+        leaves = [tuple(t.detach().requires_grad_() for t in pair) for pair in kv]
+        kv_of = {id(model): leaves}
+        if reference is not None:
+            with torch.no_grad():
+                kv_of[id(reference)] = prefix_kv(reference, [group[0].ids[:P]])[0]
+        for n, batch in enumerate(micro_batches(group, budget, skip=P)):
+            suffixes = [r.ids[P:] for r in batch]
+            ids = _pad(suffixes, 0, torch.long, device)
 
-    def logprobs(m):
-        logits = shared_prefix_logits(m, [batch[0].ids[:P]], suffixes, [0] * len(batch))[:, :-1].float()
-        logp_all = torch.log_softmax(logits, -1)
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), entropy
-    return (ids, _pad([r.mask[P:] for r in batch], 0, torch.float32, device),
-            _pad([r.logp_old[P:] for r in batch], 0.0, torch.float32, device), logprobs)
+            def logprobs(m, suffixes=suffixes, ids=ids):
+                logits = suffix_logits(m, kv_of[id(m)], lengths, suffixes, [0] * len(suffixes))[:, :-1].float()
+                logp_all = torch.log_softmax(logits, -1)
+                with torch.no_grad():
+                    entropy = -(logp_all.exp() * logp_all).sum(-1)
+                return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), entropy
+            yield (batch, _pad([r.mask[P:] for r in batch], 0, torch.float32, device),
+                   _pad([r.logp_old[P:] for r in batch], 0.0, torch.float32, device), logprobs,
+                   ids.numel() + (P if n == 0 else 0))
+        grads = [(t, leaf.grad) for pair, leaves_pair in zip(kv, leaves) for t, leaf in zip(pair, leaves_pair)
+                 if leaf.grad is not None]
+        if grads:
+            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
 
 
 def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device) -> dict:
     """One optimizer step on the rollouts (gradient accumulated over micro-batches): each
-    episode in full, or (--shared-prefix-train) one pass per group of episodes sharing a prompt."""
+    episode in full, or (--shared-prefix-train) each group's prompt once (shared_passes)."""
     total_tokens = sum(sum(r.mask) for r in rollouts)
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
-    if config.shared_prefix_train:
-        groups: dict[tuple, list[Rollout]] = {}
-        for r in rollouts:
-            groups.setdefault(tuple(r.ids[:r.prompt_len]), []).append(r)
-        batches, make = list(groups.values()), _shared_pass
-    else:
-        batches, make = micro_batches(rollouts, config.micro_batch_tokens), _plain_pass
-    for batch in batches:
-        ids, mask, logp_old, logprobs = make(model, batch, device)
+    passes = shared_passes if config.shared_prefix_train else plain_passes
+    for batch, mask, logp_old, logprobs, tokens in passes(model, reference, rollouts, config.micro_batch_tokens, device):
         adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
         logp, entropy = logprobs(model)
         logp_ref = None
@@ -220,7 +241,7 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
             sums[k] += stats[k] * n
         sums["entropy"] += (entropy * mask).sum().item()
         sums["loss"] += loss.item()
-        trained_tokens += ids.numel() + (batch[0].prompt_len - 1 if make is _shared_pass else 0)
+        trained_tokens += tokens
     grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
     out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}

@@ -365,54 +365,67 @@ def shared_prefix_logits(model: Transformer, prefixes: list[list[int]], suffixes
     """Training forward for groups of sequences that share a prompt: logits [N, T, vocab] of
     the suffix tokens (right-padded to T), equal to running `model(prefix + suffix)` on each row.
 
-    Each prompt runs ONCE through the model, with grad; its per-layer K/V stay in the autograd
-    graph. The suffix rows then run as one batch whose attention is the engine's split: the
-    queries of a group's rows, folded into one query axis per kv head, attend to the one prompt
-    K/V (prefix part), each row attends causally to itself (suffix part), and the two are merged
-    by log-sum-exp. Autograd sums every row's gradient into its prompt's computation. The torch
-    reference ops are used on every device: they are differentiable, the Triton kernels are not.
-    Rows must be sorted by group (`group_of` non-decreasing).
+    Each prompt runs ONCE through the model, with grad (`prefix_kv`); its per-layer K/V stay in
+    the autograd graph. The suffix rows then run as one batch whose attention is the engine's
+    split (`suffix_logits`). Autograd sums every row's gradient into its prompt's computation.
+    The torch reference ops are used on every device: they are differentiable, the Triton
+    kernels are not. Rows must be sorted by group (`group_of` non-decreasing).
     """
-    from kernels import reference as ops
+    kv, lengths = prefix_kv(model, prefixes, pad_id)
+    return suffix_logits(model, kv, lengths, suffixes, group_of, pad_id)
+
+
+def prefix_kv(model: Transformer, prefixes: list[list[int]], pad_id: int = 0):
+    """Run each prompt once (right-padded into one batch): the per-layer K/V [groups, Hkv, P, D]
+    that suffix rows attend to, in the autograd graph when grad is on, and the prompt lengths."""
     device = model.output_weight().device
-    assert len(suffixes) == len(group_of) and list(group_of) == sorted(group_of), "rows sorted by group"
-    assert all(prefixes) and all(suffixes), "empty prefix or suffix"
-    P = torch.tensor([len(p) for p in prefixes], device=device)
-    prefix_ids = torch.full((len(prefixes), int(P.max())), pad_id, dtype=torch.long, device=device)
+    assert all(prefixes), "empty prefix"
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    prefix_ids = torch.full((len(prefixes), int(lengths.max())), pad_id, dtype=torch.long, device=device)
     for g, p in enumerate(prefixes):
         prefix_ids[g, :len(p)] = torch.tensor(p)
     kv = []
 
     def record(layer_idx, q, k, v):
-        kv.append((k.transpose(1, 2), v.transpose(1, 2)))   # [groups, Hkv, P, D]
+        kv.append((k.transpose(1, 2), v.transpose(1, 2)))
         return plain_causal_attention(layer_idx, q, k, v)
     model.hidden_states(prefix_ids, attention=record)
+    return kv, lengths
 
+
+def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[list[int]],
+                  group_of: list[int], pad_id: int = 0) -> torch.Tensor:
+    """Logits [N, T, vocab] of suffix rows (right-padded to T) continuing the prompts whose K/V
+    `prefix_kv` returned. Each row's queries attend to its prompt's K/V and causally to its own
+    tokens, in ONE fused SDPA call per layer over [prompt K/V gathered per row ; row K/V] with a
+    visibility mask. The prompt's projections and MLPs ran once; only its K/V (a few MB) is
+    gathered per row for the attention op, and autograd sums the rows' gradients back into it.
+    Why not the engine's fold-and-merge ops (kernels.reference): on CPU their unfused softmax
+    backward ate most of the saving (bench.py --train at G=8: 1.17x over the plain pass with
+    them in the first version; 1.95x with this and length-sorted micro-batches). `kv` may be detached
+    leaves: a caller that runs a group's suffixes in several chunks then back-propagates the
+    prompt once (grpo.shared_passes)."""
+    device = model.output_weight().device
+    assert len(suffixes) == len(group_of) and list(group_of) == sorted(group_of), "rows sorted by group"
+    assert all(suffixes), "empty suffix"
     T = max(len(s) for s in suffixes)
     suffix_ids = torch.full((len(suffixes), T), pad_id, dtype=torch.long, device=device)
     for n, s in enumerate(suffixes):
         suffix_ids[n, :len(s)] = torch.tensor(s)
     rows = torch.tensor(group_of, device=device)
-    positions = P[rows][:, None] + torch.arange(T, device=device)[None, :]
-    spans = [(g, group_of.index(g), len(group_of) - group_of[::-1].index(g)) for g in sorted(set(group_of))]
-    scale = model.config.head_size ** -0.5
+    positions = lengths[rows][:, None] + torch.arange(T, device=device)[None, :]
+    P = kv[0][0].shape[2]
+    # which keys a query may see: its prompt's real tokens, then its own row causally
+    visible = torch.cat([(torch.arange(P, device=device)[None, :] < lengths[rows][:, None])[:, None, :].expand(-1, T, -1),
+                         torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(len(suffixes), -1, -1)],
+                        dim=2)[:, None]                      # [N, 1, T, P + T]
 
     def split(layer_idx, q, k, v):
-        N, _, Hq, D = q.shape
-        Hkv = k.shape[2]
-        rep = Hq // Hkv
-        qh = q.transpose(1, 2)                               # [N, Hq, T, D]
         kp, vp = kv[layer_idx]
-        outs, lses = [], []
-        for g, a, b in spans:   # fold a group's rows and the q heads of a kv head into one axis
-            n = b - a
-            qg = qh[a:b].reshape(n, Hkv, rep * T, D).transpose(0, 1).reshape(1, Hkv, n * rep * T, D)
-            o, lse = ops.prefix_attention(qg, kp[g:g + 1], vp[g:g + 1], P[g:g + 1], scale)
-            outs.append(o.reshape(Hkv, n, rep * T, D).transpose(0, 1).reshape(n, Hq, T, D))
-            lses.append(lse.reshape(Hkv, n, rep * T).transpose(0, 1).reshape(n, Hq, T))
-        out, _ = ops.suffix_merge_attention(qh, k.transpose(1, 2), v.transpose(1, 2),
-                                            torch.zeros(N, dtype=torch.long, device=device), scale,
-                                            torch.cat(outs), torch.cat(lses))
+        keys = torch.cat([kp[rows], k.transpose(1, 2)], dim=2)
+        values = torch.cat([vp[rows], v.transpose(1, 2)], dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
+                                             enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
     hidden = model.hidden_states(suffix_ids, positions, attention=split)
     return F.linear(hidden, model.output_weight())

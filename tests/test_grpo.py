@@ -149,9 +149,11 @@ def test_grpo_without_an_sft_checkpoint_says_what_to_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "constant"])
-def test_shared_prefix_training_step_equals_the_plain_step(aggregation):
+@pytest.mark.parametrize("micro_batch_tokens", [10_000, 12])
+def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_batch_tokens):
     """--shared-prefix-train: the same loss and the same updated weights as the plain pass, for
-    two groups of prompts of different lengths with ragged episodes."""
+    two groups of prompts of different lengths with ragged episodes; with a small token budget
+    each group's suffixes run in several micro-batches against its prompt computed once."""
     g = torch.Generator().manual_seed(1)
     rollouts = []
     for prompt_len in (14, 9):
@@ -162,8 +164,11 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation):
             mask = [0] * (prompt_len - 1) + [int(torch.rand(1, generator=g) < 0.7) for _ in rest]
             old = [(-2.0 - 0.1 * t) if m else 0.0 for t, m in enumerate(mask)]
             rollouts.append(Rollout(ids, mask, old, 0.0, prompt_len, advantage=(-1.0) ** k * 0.5))
-    config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
+    config = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
                              aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False)
+    if micro_batch_tokens < 100:
+        from grpo import shared_passes
+        assert len(list(shared_passes(_model(), None, rollouts, micro_batch_tokens, "cpu"))) >= 4
     reference = _model()
     plain, shared = _model(), _model()
     start = [p.detach().clone() for p in plain.parameters()]
