@@ -51,6 +51,8 @@ class BenchConfig:
     train_prompts: int = cli.field(2, "prompts (groups) per training step", "train")
     train_prompt_len: int = cli.field(400, "tokens of each prompt (system prompt, pool and question)", "train")
     train_suffix_len: int = cli.field(300, "mean tokens of an episode after its prompt (drawn in [0.5, 1.5] x this)", "train")
+    train_micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass (grpo.py --micro-batch-tokens; "
+                                              "the smollm2-135m shape needs 4096 within 24 GB on CPU)", "train")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -153,7 +155,8 @@ def validate(cfg: BenchConfig) -> None:
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
         cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
-    for flag in ("new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len"):
+    for flag in ("new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
+                 "train_micro_batch_tokens"):
         cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
 
 
@@ -284,7 +287,7 @@ def saved_activation_mb(model, rollouts, config, device) -> float:
     def pack(t):
         if t.untyped_storage().data_ptr() not in params:
             store["now"][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()   # keeps the storage (no address reuse while counted) without a reference cycle
     passes = (grpo.shared_passes if config.shared_prefix_train else grpo.plain_passes)(
         model, None, rollouts, config.micro_batch_tokens, device)
     prefix, peak = {}, 0
@@ -315,7 +318,8 @@ def bench_train(cfg, dtype) -> int:
         for G in cfg.branches:
             rollouts = synthetic_rollouts(cfg, model.config.vocab_size, G, generator)
             tokens = sum(len(r.ids) for r in rollouts)
-            configs = {mode: grpo.GRPOConfig(shared_prefix_train=mode == "shared", group=G, device=cfg.device)
+            configs = {mode: grpo.GRPOConfig(shared_prefix_train=mode == "shared", group=G, device=cfg.device,
+                                             micro_batch_tokens=cfg.train_micro_batch_tokens)
                        for mode in ("plain", "shared")}
             optimizer = train.make_optimizer(model, configs["plain"])
             grpo.train_on(model, None, optimizer, rollouts[:2], configs["plain"], 1e-6, cfg.device)  # warm-up
@@ -335,6 +339,7 @@ def bench_train(cfg, dtype) -> int:
                             best[mode]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             for mode, config in configs.items():
                 row = {"preset": preset, "G": G, "groups": cfg.train_prompts, "episode_tokens": tokens,
+                       "micro_batch_tokens": cfg.train_micro_batch_tokens,
                        "mode": mode, **best[mode], "train_tok_s": tokens / best[mode]["seconds"],
                        "saved_mb": saved_activation_mb(model, rollouts, config, cfg.device)}
                 rows.append(row)

@@ -94,8 +94,13 @@ def config_fields(cls, **defaults) -> list:
     """A config dataclass's fields, for `dataclasses.make_dataclass`: an entry point's config
     is its own options plus shared groups (training, EnvConfig, RewardConfig), some defaults
     overridden, so every knob is one flag with one definition."""
-    return [(f.name, f.type, dataclasses.field(default=defaults.get(f.name, f.default), metadata=f.metadata))
-            for f in dataclasses.fields(cls)]
+    def default(f):
+        if f.name in defaults:
+            return {"default": defaults[f.name]}
+        if f.default_factory is not dataclasses.MISSING:    # a list default, fresh per instance
+            return {"default_factory": f.default_factory}
+        return {"default": f.default}
+    return [(f.name, f.type, dataclasses.field(**default(f), metadata=f.metadata)) for f in dataclasses.fields(cls)]
 
 
 def sub_config(cls, config):

@@ -2,14 +2,19 @@
 
     python infer.py --trace --policy oracle --task-index 3          one generated task, as a tree
     python infer.py --eval --policy oracle --pool seen --split heldout --n 200 --seed 0 [--json]
-    python infer.py --table --n 200                                 all scripted policies, seen and unseen pools
-    python infer.py --query "..."                                   free text: needs a trained checkpoint
+    python infer.py --eval [--markdown]                             the results table: every scripted policy and
+                                                                    every trained run, seen and unseen pools,
+                                                                    0% and 20% injected failures
+    python infer.py --query "..."                                   free text, with the latest trained checkpoint
 
 Design choices, and why:
 - Playing and scoring live in evaluation.py (shared with training); this file is the command
   line around them: flags, validation, the trace tree, the tables.
 - `--query` runs a free-text question with a checkpoint: --policy if it is a folder, else the
   latest trained one (runs/grpo/latest, then runs/sft/latest).
+- `--eval` without --policy (or `--table`) prints the results table. Trained rows come from
+  every run folder in runs/sft and runs/grpo (its last checkpoint), or --checkpoints; runs
+  whose configs differ only in seed and name are one row, with the spread over their seeds.
 - The config is one dataclass whose fields are this script's own options plus every EnvConfig
   and RewardConfig field, so each environment knob and reward weight is a flag without a second
   list to keep in sync.
@@ -32,12 +37,13 @@ from tools import PoolError, load_pool, read_pool_spec
 @dataclass
 class InferOptions:
     eval: bool = cli.field(False, "evaluate --policy on --n tasks of --split with --pool", "mode")
-    table: bool = cli.field(False, "print the results table of all scripted policies (seen and unseen pools)", "mode")
+    table: bool = cli.field(False, "print the results table (as --eval without --policy)", "mode")
     trace: bool = cli.field(False, "run one generated task (--task-index) and print its trace", "mode")
     query: str = cli.field("", "a free-text question (needs a trained checkpoint as --policy)", "mode")
     json: bool = cli.field(False, "print JSON instead of text", "mode")
-    policy: str = cli.field("oracle", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, "
-                            "random, vote) or a checkpoint folder", "run")
+    policy: str = cli.field("", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, random, "
+                            "vote) or a checkpoint folder (default: oracle for --trace; none for --eval: the table)",
+                            "run")
     pool: str = cli.field("seen", "seen (randomized training family), unseen (all unseen pools), "
                           "a pool name in pools/, or a pool JSON file", "run")
     split: str = cli.field("heldout", "task split: " + ", ".join(SPLITS), "run")
@@ -50,6 +56,11 @@ class InferOptions:
     batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine", "run")
     max_suffix_len: int = cli.field(2048, "tokens a checkpoint policy's episode may add after its prompt; "
                                     "a longer episode ends as truncated", "run")
+    failure_rates: list[float] = cli.field([0.0, 0.2], "the table's injected failure rates", "table")
+    checkpoints: list[str] = cli.field([], "checkpoint or run folders for the table's trained rows (default: "
+                                       "every run in --runs-dir/sft and --runs-dir/grpo)", "table")
+    runs_dir: str = cli.field("runs", "where trained runs live", "table")
+    markdown: bool = cli.field(False, "print the table as Markdown (for the README)", "table")
 
 
 InferConfig = dataclasses.make_dataclass(
@@ -66,21 +77,84 @@ def print_summary(s: dict) -> None:
 
 
 TABLE_COLUMNS = ("success", "protocol", "rounds", "latency", "latency_width3", "cost", "reward")
+SPREAD_COLUMNS = ("success", "protocol", "reward")    # trained rows: mean (min-max over seeds)
+RECIPE_FREE_KEYS = {"seed", "name", "resume", "device", "runs_dir", "init", "data", "log_every", "ckpt_every"}
 
 
-def table(n: int, seed: int, split: str, env_config: EnvConfig, reward_config: RewardConfig, as_json: bool) -> None:
-    rows = [evaluate(p, pool, split, n, seed, env_config, reward_config)
-            for pool in ("seen", "unseen") for p in SCRIPTED]
-    if as_json:
+def trained_groups(checkpoints: list[str], runs_dir: str) -> list[tuple[str, list[str]]]:
+    """(label, checkpoint folders) per training recipe: runs whose configs differ only in seed,
+    name and bookkeeping are seeds of one recipe. A run folder stands for its last checkpoint."""
+    from pathlib import Path
+    given = [Path(p) for p in checkpoints] or sorted(p for stage in ("sft", "grpo")
+                                                      for p in (Path(runs_dir) / stage).glob("*")
+                                                      if (p / "config.json").is_file() and not p.is_symlink())
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for path in given:
+        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():   # a run folder
+            last = sorted((path / "checkpoints").glob("step-*"))
+            if not last:
+                continue
+            config = json.loads((path / "config.json").read_text())
+            recipe = (path.parent.name,) + tuple(sorted((k, json.dumps(v)) for k, v in config.items()
+                                                        if k not in RECIPE_FREE_KEYS and not k.startswith("eval")))
+            groups.setdefault(recipe, []).append((path.name, str(last[-1])))
+        else:                                                                       # one checkpoint
+            groups.setdefault((str(path),), []).append((path.name, str(path)))
+    return [(f"{key[0]}: {', '.join(name for name, _ in runs)}" if len(key) > 1 else key[0],
+             [ckpt for _, ckpt in runs]) for key, runs in groups.items()]
+
+
+def table(config, env_config: EnvConfig, reward_config: RewardConfig) -> None:
+    groups = trained_groups(config.checkpoints, config.runs_dir)
+    if not groups:
+        print(f"no trained run in {config.runs_dir}/sft or {config.runs_dir}/grpo: the table has the scripted "
+              "policies only (`python sft.py` trains one)", file=sys.stderr)
+    rows = []
+    for rate in config.failure_rates:
+        env = dataclasses.replace(env_config, failure_rate=rate)
+        for pool in ("seen", "unseen"):
+            def run(policy):
+                return evaluate(policy, pool, config.split, config.n, config.seed, env, reward_config, config.device,
+                                config.temperature, config.max_new_tokens, config.batch_episodes,
+                                config.max_suffix_len, quiet=True)
+            for policy in SCRIPTED:
+                rows.append(run(policy) | {"failure_rate": rate})
+                print(f"table: {policy} on {pool} pools, failure rate {rate}: success {rows[-1]['success']:.3f}",
+                      file=sys.stderr)
+            for label, checkpoints in groups:
+                seeds = [run(c) for c in checkpoints]
+                row = {k: sum(s[k] for s in seeds) / len(seeds) for k in TABLE_COLUMNS}
+                row |= {f"{k}_range": (min(s[k] for s in seeds), max(s[k] for s in seeds)) for k in SPREAD_COLUMNS}
+                rows.append(row | {"policy": label, "pool": pool, "failure_rate": rate, "seeds": seeds,
+                                   "split": config.split, "n": config.n, "seed": config.seed})
+                print(f"table: {label} on {pool} pools, failure rate {rate}: success {row['success']:.3f}",
+                      file=sys.stderr)
+    if config.json:
         print(json.dumps(rows))
         return
-    print(f"split {split}, n {n} per row, seed {seed}, injected failure rate {env_config.failure_rate}")
-    print("| policy | pool | " + " | ".join(TABLE_COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(TABLE_COLUMNS))
-    for r in rows:
-        cells = [f"{r[c]:.4f}" if c == "cost" else f"{r[c]:.3f}" if c in ("success", "protocol", "reward")
-                 else f"{r[c]:.2f}" for c in TABLE_COLUMNS]
-        print(f"| {r['policy']} | {r['pool']} | " + " | ".join(cells) + " |")
+    print_table(rows, config)
+
+
+def print_table(rows: list[dict], config) -> None:
+    def cell(r, c):
+        text = f"{r[c]:.4f}" if c == "cost" else f"{r[c]:.3f}" if c in SPREAD_COLUMNS else f"{r[c]:.2f}"
+        if len(r.get("seeds", ())) > 1 and c in SPREAD_COLUMNS:
+            lo, hi = r[f"{c}_range"]
+            text += f" ({lo:.3f}-{hi:.3f})"
+        return text
+    header = ["policy", "pool", "failures"] + list(TABLE_COLUMNS)
+    body = [[r["policy"], r["pool"], f"{r['failure_rate']:.0%}"] + [cell(r, c) for c in TABLE_COLUMNS] for r in rows]
+    print(f"split {config.split}, n {config.n} tasks per row, seed {config.seed}; trained rows: mean "
+          "(min-max over the recipe's seeds)")
+    if config.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|---|---|---|" + "---:|" * len(TABLE_COLUMNS))
+        for line in body:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    for line in [header] + body:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
 
 
 # ---------------------------------------------------------------- one episode as a tree
@@ -140,8 +214,15 @@ def validate(config) -> None:
         pools = [load_pool(name, world, random.Random(config.seed)) for name in names]
     except PoolError as e:
         raise cli.UsageError(f"--pool: {e}") from None
+    for rate in config.failure_rates:
+        check(0.0 <= rate <= 1.0, f"--failure-rates are probabilities, in [0, 1] (got {rate})")
+    for path in config.checkpoints:
+        check(os.path.isfile(os.path.join(path, "config.json")),
+              f"--checkpoints {path}: not a checkpoint or run folder (no config.json in it)")
     policy = config.policy
-    if "/" in policy or os.sep in policy or os.path.exists(policy):
+    if not policy:
+        pass    # --trace plays the oracle; --eval prints the table
+    elif "/" in policy or os.sep in policy or os.path.exists(policy):
         check(os.path.exists(policy), f"--policy {policy}: the path does not exist (a checkpoint folder was expected)")
         check(os.path.isfile(os.path.join(policy, "config.json")),
               f"--policy {policy}: not a checkpoint folder (no config.json in it)")
@@ -174,8 +255,8 @@ def run(config) -> int:
     validate(config)
     cli.log_config(config)
     env_config, reward_config = cli.sub_config(EnvConfig, config), cli.sub_config(RewardConfig, config)
-    if config.table:
-        table(config.n, config.seed, config.split, env_config, reward_config, config.json)
+    if config.table or (config.eval and not config.policy):
+        table(config, env_config, reward_config)
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
@@ -198,7 +279,7 @@ def run(config) -> int:
         return run_episode(config, checkpoint, task, world, env_config, reward_config)
     else:   # --trace, also the default
         task = task_at(config.split, config.task_index, config.seed)
-        return run_episode(config, config.policy, task, task_world(task), env_config, reward_config)
+        return run_episode(config, config.policy or "oracle", task, task_world(task), env_config, reward_config)
     return 0
 
 

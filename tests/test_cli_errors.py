@@ -102,7 +102,7 @@ def test_empty_callee_list(capsys, no_play, tmp_path):
 
 def test_a_good_pool_file_still_plays(capsys, tmp_path):
     path = write_pool(tmp_path, [CALC, dict(CALC, type="kb", name="facts", description="facts")])
-    assert infer.main(["--eval", "--pool", path, "--n", "2", "--json"]) == 0
+    assert infer.main(["--eval", "--policy", "oracle", "--pool", path, "--n", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
 
 

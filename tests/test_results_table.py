@@ -1,0 +1,49 @@
+"""infer.py --eval without --policy: the results table. Seeds of one training recipe are one
+row with their spread; scripted rows match single-policy evaluations of the same tasks."""
+import json
+
+import infer
+from env import EnvConfig, RewardConfig
+from evaluation import evaluate
+
+
+def _run(root, stage, name, **config):
+    run = root / stage / name
+    (run / "checkpoints" / "step-000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-000020").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": 0, "name": name, "lr": 0.003, "steps": 20, **config}))
+    return run
+
+
+def test_runs_that_differ_only_in_seed_are_one_row(tmp_path):
+    _run(tmp_path, "sft", "seed0", seed=0)
+    _run(tmp_path, "sft", "seed1", seed=1, device="cuda", eval_n=8)
+    _run(tmp_path, "sft", "norecovery", recovery=False)
+    _run(tmp_path, "grpo", "a", init="runs/sft/seed0/checkpoints/step-000020")
+    (tmp_path / "sft" / "empty").mkdir()          # not a run: no config.json
+    groups = dict(infer.trained_groups([], str(tmp_path)))
+    assert groups == {
+        "sft: norecovery": [str(tmp_path / "sft/norecovery/checkpoints/step-000020")],
+        "sft: seed0, seed1": [str(tmp_path / f"sft/seed{s}/checkpoints/step-000020") for s in (0, 1)],
+        "grpo: a": [str(tmp_path / "grpo/a/checkpoints/step-000020")],
+    }
+
+
+def test_table_without_trained_runs_has_every_scripted_policy(tmp_path, capsys):
+    assert infer.main(["--eval", "--n", "3", "--runs-dir", str(tmp_path), "--failure-rates", "0", "0.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 * 2 * len(infer.SCRIPTED)
+    oracle_unseen_half = next(r for r in rows if r["policy"] == "oracle" and r["pool"] == "unseen"
+                              and r["failure_rate"] == 0.5)
+    alone = evaluate("oracle", "unseen", "heldout", 3, 0, EnvConfig(failure_rate=0.5), RewardConfig())
+    for key in ("success", "protocol", "rounds", "cost"):
+        assert oracle_unseen_half[key] == alone[key]
+    for key in ("latency", "reward"):   # a real-time callee (the Python runner) adds its measured seconds
+        assert abs(oracle_unseen_half[key] - alone[key]) < 1e-2
+
+
+def test_markdown_table(tmp_path, capsys):
+    assert infer.main(["--eval", "--n", "2", "--runs-dir", str(tmp_path), "--failure-rates", "0.2", "--markdown"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
+    assert lines[0].startswith("| policy | pool | failures | success")
+    assert len(lines) == 2 + 2 * len(infer.SCRIPTED) and all("| 20% |" in l for l in lines[2:])
