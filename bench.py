@@ -356,16 +356,11 @@ def bench_train(cfg, dtype) -> int:
     if cfg.json:
         print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
         return 0
-    cols = [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"), ("mode", "{}"),
-            ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"), ("peak_mb", "{:.0f}"),
-            ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")]
-    cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
     print(f"device {cfg.device}, dtype {dtype}, threads {torch.get_num_threads()}; GRPO training step "
           f"(forward + backward + AdamW), prompts ~{cfg.train_prompt_len} tokens, suffixes ~{cfg.train_suffix_len}")
-    print("| " + " | ".join(k for k, _ in cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f.format(r[k]) if k in r else "" for k, f in cols) + " |")
+    markdown_table(rows, [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"),
+                          ("mode", "{}"), ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"),
+                          ("peak_mb", "{:.0f}"), ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")])
     return 0
 
 
@@ -392,6 +387,11 @@ def print_table(rows, limits, device):
             ("decode_tok_s", "{:.1f}"), ("kv_mb", "{:.1f}"), ("peak_mb", "{:.0f}"), ("floor_frac", "{:.2f}"),
             ("e2e_x_hf", "{:.2f}"), ("decode_x_hf", "{:.2f}"), ("e2e_x_copied", "{:.2f}"),
             ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}"), ("prefix_kv_frac_copied", "{:.3f}")]
+    markdown_table(rows, cols)
+
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
+    """Rows as a Markdown table: the (key, format) columns any row has, blank where one lacks it."""
     cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
     print("| " + " | ".join(k for k, _ in cols) + " |")
     print("|" + "---|" * len(cols))

@@ -44,6 +44,12 @@ def latest_of(runs_dir, stage: str) -> str | None:
     return None
 
 
+def run_checkpoints(run) -> list:
+    """A run folder's checkpoints (runs/<stage>/<name>/checkpoints/step-*), oldest first."""
+    from pathlib import Path
+    return sorted((Path(run) / "checkpoints").glob("step-*"))
+
+
 def latest_checkpoint(runs_dir: str = "runs") -> str | None:
     """The newest finished checkpoint: runs/grpo/latest, else runs/sft/latest."""
     return latest_of(runs_dir, "grpo") or latest_of(runs_dir, "sft")

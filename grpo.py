@@ -141,12 +141,15 @@ def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[Epi
 def sequence_logprobs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each next token [B, T-1] (with grad) and the entropy of each next-token
     distribution [B, T-1] (no grad)."""
-    logits = model(ids[:, :-1]).float()
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logprobs_and_entropy(model(ids[:, :-1]), ids[:, 1:])
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target under its logits (with grad), and each distribution's entropy (no grad)."""
+    logp_all = torch.log_softmax(logits.float(), -1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy
 
 
 def _pad(rows: list[list], value, dtype, device) -> torch.Tensor:
@@ -204,11 +207,8 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
             ids = _pad(suffixes, 0, torch.long, device)
 
             def logprobs(m, suffixes=suffixes, ids=ids):
-                logits = suffix_logits(m, kv_of[id(m)], lengths, suffixes, [0] * len(suffixes))[:, :-1].float()
-                logp_all = torch.log_softmax(logits, -1)
-                with torch.no_grad():
-                    entropy = -(logp_all.exp() * logp_all).sum(-1)
-                return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), entropy
+                logits = suffix_logits(m, kv_of[id(m)], lengths, suffixes, [0] * len(suffixes))
+                return logprobs_and_entropy(logits[:, :-1], ids[:, 1:])
             yield (batch, _pad([r.mask[P:] for r in batch], 0, torch.float32, device),
                    _pad([r.logp_old[P:] for r in batch], 0.0, torch.float32, device), logprobs,
                    ids.numel() + (P if n == 0 else 0))

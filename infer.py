@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import cli
 from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
-from evaluation import evaluate, latest_checkpoint, play_episodes, pool_for_episode, unseen_pool_names
+from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
+                        unseen_pool_names)
 from tasks import SPLITS, Task, task_at, task_world, world_for_split
 from tools import PoolError, load_pool, read_pool_spec
 
@@ -91,7 +92,7 @@ def trained_groups(checkpoints: list[str], runs_dir: str) -> list[tuple[str, lis
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for path in given:
         if (path / "config.json").is_file() and (path / "checkpoints").is_dir():   # a run folder
-            last = sorted((path / "checkpoints").glob("step-*"))
+            last = run_checkpoints(path)
             if not last:
                 continue
             config = json.loads((path / "config.json").read_text())

@@ -366,10 +366,10 @@ def shared_prefix_logits(model: Transformer, prefixes: list[list[int]], suffixes
     the suffix tokens (right-padded to T), equal to running `model(prefix + suffix)` on each row.
 
     Each prompt runs ONCE through the model, with grad (`prefix_kv`); its per-layer K/V stay in
-    the autograd graph. The suffix rows then run as one batch whose attention is the engine's
-    split (`suffix_logits`). Autograd sums every row's gradient into its prompt's computation.
-    The torch reference ops are used on every device: they are differentiable, the Triton
-    kernels are not. Rows must be sorted by group (`group_of` non-decreasing).
+    the autograd graph. The suffix rows then run as one batch attending to it (`suffix_logits`:
+    one fused, differentiable SDPA call per layer on every device). Autograd sums every row's
+    gradient into its prompt's computation. Rows must be sorted by group (`group_of`
+    non-decreasing).
     """
     kv, lengths = prefix_kv(model, prefixes, pad_id)
     return suffix_logits(model, kv, lengths, suffixes, group_of, pad_id)
@@ -402,9 +402,9 @@ def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[
     gathered per row for the attention op, and autograd sums the rows' gradients back into it.
     Why not the engine's fold-and-merge ops (kernels.reference): on CPU their unfused softmax
     backward ate most of the saving (bench.py --train at G=8: 1.17x over the plain pass with
-    them in the first version; 1.95x with this and length-sorted micro-batches). `kv` may be detached
-    leaves: a caller that runs a group's suffixes in several chunks then back-propagates the
-    prompt once (grpo.shared_passes)."""
+    them in the first version; 1.95x with this and length-sorted micro-batches). `kv` may be
+    detached leaves: a caller that runs a group's suffixes in several chunks then
+    back-propagates the prompt once (grpo.shared_passes)."""
     device = model.output_weight().device
     assert len(suffixes) == len(group_of) and list(group_of) == sorted(group_of), "rows sorted by group"
     assert all(suffixes), "empty suffix"

@@ -60,8 +60,9 @@ class SFTOptions:
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
     episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
                                        "(what --shared-prefix needs to pay)", "data")
-    shared_prefix: bool = cli.field(False, "compute a shared system prompt once per micro-batch (split "
-                                    "attention); measured slower here: suffix lengths in a pool vary", "optimizer")
+    shared_prefix: bool = cli.field(False, "compute a shared system prompt once per micro-batch; "
+                                    "measured slower with the first attention (suffix lengths in a pool vary)",
+                                    "optimizer")
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")

@@ -32,7 +32,7 @@ import torch
 
 import cli
 from env import EnvConfig, RewardConfig
-from evaluation import evaluate
+from evaluation import evaluate, run_checkpoints
 from model import load_model, save_model
 
 
@@ -87,10 +87,6 @@ def run_dir(config, stage: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     return path
-
-
-def checkpoints(run: Path) -> list[Path]:
-    return sorted((run / "checkpoints").glob("step-*"))
 
 
 def set_latest(run: Path, checkpoint: Path) -> None:
@@ -187,7 +183,7 @@ def load_training_state(path: Path, model, optimizer) -> dict:
 
 def resume_point(run: Path) -> Path | None:
     """The newest checkpoint of a run that has its training state (None: start afresh)."""
-    for path in reversed(checkpoints(run)):
+    for path in reversed(run_checkpoints(run)):
         if (path / "training_state.json").is_file():
             return path
     return None
