@@ -48,6 +48,7 @@ from tools import load_pool
 @dataclass
 class GRPOOptions:
     init: str = cli.field("", "checkpoint to start from (default: runs/sft/latest)", "model")
+    freeze_layers: int = cli.field(0, "freeze the embeddings (and a tied output layer) and the first N layers", "model")
     steps: int = cli.field(100, "GRPO steps (one rollout batch each)", "optimizer")
     prompts: int = cli.field(4, "prompts (task + pool draw) per step", "rollout")
     group: int = cli.field(8, "episodes per prompt (G)", "rollout")
@@ -277,6 +278,7 @@ def run(config) -> int:
     except (OSError, ValueError) as e:
         raise train.TrainingError(f"--init {init}: {e}") from None
     model = policy.model
+    train.freeze_bottom(model, config.freeze_layers)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
     optimizer = train.make_optimizer(model, config)
     generator = torch.Generator(device).manual_seed(config.seed)

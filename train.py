@@ -57,6 +57,8 @@ class TrainConfig:
     eval_n: int = cli.field(64, "tasks per periodic evaluation", "eval")
     eval_split: str = cli.field("heldout", "split of the periodic evaluation", "eval")
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
+    eval_seed: int = cli.field(0, "seed of the periodic evaluation's tasks and pool draws (not --seed: runs of "
+                               "every training seed are compared on the same tasks)", "eval")
 
 
 # ---------------------------------------------------------------- run folders
@@ -118,6 +120,19 @@ def lr_at(step: int, total: int, config) -> float:
     progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
     floor = config.lr * config.min_lr_frac
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def freeze_bottom(model, n: int) -> None:
+    """Freeze the embeddings (so a tied output layer too) and the first n layers: no gradient,
+    no optimizer state, and no backward through them."""
+    if n == 0:
+        return
+    if not 0 < n < len(model.model.layers):
+        raise TrainingError(f"--freeze-layers {n}: the model has {len(model.model.layers)} layers; "
+                            f"leave at least one to train")
+    model.model.embed_tokens.requires_grad_(False)
+    for layer in model.model.layers[:n]:
+        layer.requires_grad_(False)
 
 
 def optimizer_step(model, optimizer, lr: float, grad_clip: float) -> float:
@@ -235,7 +250,7 @@ def periodic_eval(policy, config, step: int) -> dict:
     """The held-out evaluation both stages log: `eval_*` metrics for the step's row, and one
     line on stderr."""
     start = time.time()
-    s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.seed)
+    s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.eval_seed)
     row = {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
     row["eval_seconds"] = time.time() - start
     print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} rounds {s['rounds']:.2f} "

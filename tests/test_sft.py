@@ -1,12 +1,14 @@
 """SFT: the loss mask, bucketing and accumulation against per-example losses, data determinism,
 the oracle's recovery on a hand-made state, and resume after SIGKILL."""
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ import torch
 import model as M
 from baselines import scripted_policy
 from policy import Policy
-from sft import bucketed_batches, collate, episode_tokens, generate_episodes, sum_token_loss
+from sft import (bucketed_batches, collate, copy_drill_batch, copy_drill_loss, episode_tokens, generate_episodes,
+                 sum_token_loss)
 from tasks import Subtask, Task
 from tokenizer import IM_END, Tokenizer, train_tokenizer
 
@@ -239,3 +242,74 @@ def test_shared_prefix_loss_equals_per_example_losses(tokenizer):
     assert all(p[0] == parts[0][0] for p in parts)
     shared = shared_sum_token_loss(model, parts[0][0], [(s, m) for _, s, m in parts], tokenizer.pad_token_id, "cpu")
     assert shared.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+class _Copier(torch.nn.Module):
+    """Knows the drill's answer: at every position it puts all its mass on the token that
+    followed the latest earlier occurrence of the current token, if any; else it is uniform.
+    Its hidden state is its logits, its output layer the identity."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def hidden_states(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        for r in range(ids.shape[0]):
+            for p in range(ids.shape[1]):
+                earlier = [q for q in range(p) if ids[r, q] == ids[r, p]]
+                if earlier:
+                    logits[r, p, ids[r, earlier[-1] + 1]] = 50.0
+        return logits
+
+    def output_weight(self):
+        return torch.eye(self.vocab)
+
+
+class _Uniform(_Copier):
+    def hidden_states(self, ids):
+        return torch.zeros(*ids.shape, self.vocab)
+
+
+def test_copy_drill_loss_scores_the_repeat_only():
+    vocab = 4096   # so that the random filler almost never repeats a token by chance
+    ids, mask = copy_drill_batch(torch.arange(vocab), rows=3, length=40, generator=torch.Generator().manual_seed(1))
+    assert ids.shape == (3, 40) and mask.shape == (3, 39)
+    for r in range(3):
+        where = mask[r].nonzero().flatten().tolist()    # p predicts p + 1: the repeat from its 2nd token
+        second, n = where[0], len(where) + 1
+        assert where == list(range(second, second + n - 1))
+        first = next(q for q in range(second) if torch.equal(ids[r, q:q + n], ids[r, second:second + n]))
+        assert first + n < second
+    # an induction copier pays nothing on the scored tokens; a uniform model pays ln(vocab)
+    assert copy_drill_loss(_Copier(vocab), ids, mask).item() < 1e-6
+    assert abs(copy_drill_loss(_Uniform(vocab), ids, mask).item() - math.log(vocab)) < 1e-5
+
+
+def test_token_loss_at_learned_positions_equals_the_full_cross_entropy():
+    torch.manual_seed(0)
+    model = M.build_model(M.preset_config("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2), "cpu", seed=0)
+    ids = torch.randint(0, 50, (3, 12))
+    mask = (torch.rand(3, 11) < 0.4).float()
+    full = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 50), ids[:, 1:].reshape(-1),
+                                             reduction="none")
+    assert torch.allclose(sum_token_loss(model, ids, mask), (full * mask.reshape(-1)).sum(), atol=1e-5)
+
+def test_freeze_layers_trains_only_the_top(tmp_path):
+    import train
+    from train import freeze_bottom
+    model = M.build_model(M.preset_config("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3), "cpu", seed=0)
+    freeze_bottom(model, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = train.make_optimizer(model, SimpleNamespace(lr=1e-2, weight_decay=0.0, beta2=0.99))
+    ids = torch.randint(0, 50, (2, 10))
+    sum_token_loss(model, ids, torch.ones(2, 9)).backward()
+    train.optimizer_step(model, optimizer, 1e-2, 1.0)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.layers.2.") for k in changed)
+    assert all(k.startswith("model.layers.2.") or k == "model.norm.weight" for k in changed)
+    with pytest.raises(train.TrainingError, match="has 3 layers"):
+        freeze_bottom(model, 3)
