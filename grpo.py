@@ -198,7 +198,8 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
             yield from plain_passes(model, reference, group, budget, device)
             continue
         kv, lengths = prefix_kv(model, [group[0].ids[:P]])
-        leaves = [tuple(t.detach().requires_grad_() for t in pair) for pair in kv]
+        # a frozen layer's K/V needs no gradient (--freeze-layers): its leaf asks for none
+        leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
         kv_of = {id(model): leaves}
         if reference is not None:
             with torch.no_grad():

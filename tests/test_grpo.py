@@ -9,6 +9,7 @@ import torch
 import model as M
 import rl_loss
 from grpo import Rollout, train_on
+from train import freeze_bottom
 
 
 def test_group_advantages_by_hand():
@@ -148,12 +149,14 @@ def test_grpo_without_an_sft_checkpoint_says_what_to_run(tmp_path, capsys):
     assert "python sft.py" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "constant"])
-@pytest.mark.parametrize("micro_batch_tokens", [10_000, 12])
-def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_batch_tokens):
+@pytest.mark.parametrize("aggregation,micro_batch_tokens,frozen",
+                         [("token-mean", 10_000, 0), ("constant", 10_000, 0), ("token-mean", 12, 0),
+                          ("constant", 12, 0), ("token-mean", 12, 1)])
+def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_batch_tokens, frozen):
     """--shared-prefix-train: the same loss and the same updated weights as the plain pass, for
     two groups of prompts of different lengths with ragged episodes; with a small token budget
-    each group's suffixes run in several micro-batches against its prompt computed once."""
+    each group's suffixes run in several micro-batches against its prompt computed once; with
+    --freeze-layers the frozen layers' prompt K/V need no gradient and their weights stay put."""
     g = torch.Generator().manual_seed(1)
     rollouts = []
     for prompt_len in (14, 9):
@@ -171,6 +174,8 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_ba
         assert len(list(shared_passes(_model(), None, rollouts, micro_batch_tokens, "cpu"))) >= 4
     reference = _model()
     plain, shared = _model(), _model()
+    freeze_bottom(plain, frozen)
+    freeze_bottom(shared, frozen)
     start = [p.detach().clone() for p in plain.parameters()]
     # plain SGD with lr 1, so the step is the gradient itself (Adam would blow up the
     # roundoff of near-zero gradients into full-size steps)
@@ -182,3 +187,5 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_ba
     for (name, p), q, p0 in zip(plain.named_parameters(), shared.parameters(), start):
         g_plain, g_shared = p0 - p.detach(), p0 - q.detach()
         assert ((g_shared - g_plain).norm() / g_plain.norm().clamp(min=1e-12)).item() < 1e-5, name
+        if frozen and (name.startswith("model.layers.0.") or "embed" in name):
+            assert torch.equal(q.detach(), p0), name
