@@ -20,6 +20,7 @@ from sft import (bucketed_batches, collate, copy_drill_batch, copy_drill_loss, e
                  sum_token_loss)
 from tasks import Subtask, Task
 from tokenizer import IM_END, Tokenizer, train_tokenizer
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -296,12 +297,11 @@ def test_token_loss_at_learned_positions_equals_the_full_cross_entropy():
                                              reduction="none")
     assert torch.allclose(sum_token_loss(model, ids, mask), (full * mask.reshape(-1)).sum(), atol=1e-5)
 
-def test_freeze_layers_trains_only_the_top(tmp_path):
-    import train
-    from train import freeze_bottom
+
+def test_freeze_layers_trains_only_the_top():
     model = M.build_model(M.preset_config("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=3), "cpu", seed=0)
-    freeze_bottom(model, 2)
+    train.freeze_bottom(model, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = train.make_optimizer(model, SimpleNamespace(lr=1e-2, weight_decay=0.0, beta2=0.99))
     ids = torch.randint(0, 50, (2, 10))
@@ -312,4 +312,4 @@ def test_freeze_layers_trains_only_the_top(tmp_path):
     assert any(k.startswith("model.layers.2.") for k in changed)
     assert all(k.startswith("model.layers.2.") or k == "model.norm.weight" for k in changed)
     with pytest.raises(train.TrainingError, match="has 3 layers"):
-        freeze_bottom(model, 3)
+        train.freeze_bottom(model, 3)
