@@ -140,6 +140,11 @@ PRESETS = {
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                  max_position_embeddings=8192),
+    # tiny with what `add_copy_circuit` builds on: attention biases (a constant-query head), one
+    # kv head per query head (independent heads), a long rope wavelength (slow rotary pairs).
+    "tiny-copy": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                      attention_bias=True, rope_theta=1e6, max_position_embeddings=8192),
     # ~25M parameters: the next step up when a GPU is available.
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
@@ -354,6 +359,87 @@ def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transf
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(1 / math.sqrt(2 * model.config.num_hidden_layers))  # residual-branch scaling
     return model
+
+
+def add_copy_circuit(model: Transformer, seed: int = 0, context: int = 2048, embed_std: float = 1.0,
+                     logit_scale: float = 0.1, prev_gain: float = 3.0, match_scale: float = 10.0,
+                     copy_gain: float = 10.0) -> Transformer:
+    """Build an induction circuit into a freshly initialized model: head 0 of layer 0 attends to
+    the previous token and writes its code into a subspace of the residual; head 0 of layer 1
+    matches the current token's code against those, attends to the position just after the
+    earlier occurrence of the current token, and writes that position's token back, which the
+    tied output layer reads as "predict it again".
+
+    Why: every skill the orchestrator needs is a copy from its context (entity names from the
+    question, callee names from the pool lines, results into the answer). A small model from
+    scratch finds such a two-head circuit only after tens of millions of tokens (the
+    composition of two heads is a long plateau), far beyond a CPU budget; measured here, the
+    tiny preset learned no copy at all in 400 steps. Built in, training refines it from the
+    first step. It is weights only, in the plain Llama layout (transformers loads it):
+    - the previous-token head has zero q/k weights and constant q/k biases, rotated by one
+      position against each other, so RoPE alone makes it peak at the previous position;
+    - the matching uses only the rotary pairs that turn by less than 0.3 rad over `context`
+      tokens, so it compares contents, not positions (a long rope_theta leaves more of them);
+    - codes are an orthonormal projection of the token's normalized embedding; the previous
+      token's code is written where the current token's code is not read (orthogonal
+      subspaces), so the two do not interfere;
+    - embeddings start at unit scale (and the final norm at `logit_scale`), so that Adam's
+      steps of size lr are small against them and training does not scramble the codes.
+    Heads 1.. of both layers and everything else keep their random init."""
+    c = model.config
+    D, d = c.head_size, c.hidden_size
+    if c.num_hidden_layers < 2 or not c.qkv_bias or c.num_key_value_heads != c.num_attention_heads:
+        raise ValueError("add_copy_circuit needs >= 2 layers, attention biases and one kv head per query head "
+                         f"(got {c.num_hidden_layers} layers, qkv_bias={c.qkv_bias}, "
+                         f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads)")
+    inv_freq = rope_inv_freq(c)
+    slow = [p for p in range(D // 2) if inv_freq[p].item() * context < 0.3]
+    if len(slow) < 4:
+        raise ValueError(f"add_copy_circuit: only {len(slow)} rotary pairs are slow over {context} tokens "
+                         f"(rope_theta {c.rope_theta}); raise rope_theta")
+    match_dims = slow + [p + D // 2 for p in slow]
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    code = basis[:, :D].T.float()            # [D, d]: the token's code, orthonormal rows
+    prev_out = basis[:, D:2 * D].float()     # [d, D]: where the previous token's code goes
+    fast = range(min(8, D // 2))             # the fastest pairs make the sharpest previous-token peak
+    q_bias, k_bias = torch.zeros(D), torch.zeros(D)
+    for p in fast:
+        theta = inv_freq[p].item()
+        k_bias[p] = 6.0
+        q_bias[p], q_bias[p + D // 2] = 6.0 * math.cos(theta), -6.0 * math.sin(theta)
+    n = len(match_dims)
+    match_q, match_k = torch.zeros(D, d), torch.zeros(D, d)
+    match_q[match_dims], match_k[match_dims] = code[:n], prev_out.T[:n]
+    a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    dev, dt = a0.q_proj.weight.device, a0.q_proj.weight.dtype
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embed_std / model.model.embed_tokens.weight.std())
+        model.model.norm.weight.fill_(logit_scale)
+        # |code(x)| is sqrt(D) for a normalized x; the write is prev_gain times an embedding's norm
+        gain = prev_gain * embed_std * math.sqrt(d) / math.sqrt(D)
+        for proj, w, b in ((a0.q_proj, 0.0, q_bias), (a0.k_proj, 0.0, k_bias), (a0.v_proj, code, 0.0),
+                           (a1.q_proj, match_scale * match_q, 0.0), (a1.k_proj, match_scale * match_k, 0.0),
+                           (a1.v_proj, code, 0.0)):
+            proj.weight[:D] = torch.as_tensor(w, dtype=dt).to(dev)
+            proj.bias[:D] = torch.as_tensor(b, dtype=dt).to(dev)
+        a0.o_proj.weight[:, :D] = (gain * prev_out).to(dev, dt)
+        a1.o_proj.weight[:, :D] = (copy_gain * code.T).to(dev, dt)
+    return model
+
+
+def copy_circuit_slices(config: ModelConfig) -> dict[str, tuple[slice, ...]]:
+    """The parts of each tensor `add_copy_circuit` writes (head 0 of layers 0 and 1), by name:
+    what a trainer keeps fixed so that the circuit survives the first steps of training."""
+    D = config.head_size
+    out = {}
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}.self_attn."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            out[prefix + proj + ".weight"] = (slice(0, D),)
+            out[prefix + proj + ".bias"] = (slice(0, D),)
+        out[prefix + "o_proj.weight"] = (slice(None), slice(0, D))
+    return out
 
 
 def default_dtype(device) -> torch.dtype:

@@ -28,10 +28,13 @@ Design choices, and why:
   of the step, so the step does not depend on how it was split.
 - From scratch (the default) the tokenizer is a BPE trained on the generated episodes, the
   model the `tiny` preset; --init starts from any HF-layout checkpoint and its tokenizer.
-  Every skill here is a copy from context, which the tiny model does not acquire in a CPU
-  budget and a pretrained model already has; --freeze-layers N then trains only the layers
-  above N (2.3x faster per token on SmolLM2-135M with 20 of 30 frozen), and logits are computed
-  at learned positions only.
+  Every skill here is a copy from context, which the tiny model does not find by itself in a
+  CPU budget and a pretrained model already has. `--preset tiny-copy --copy-circuit` starts
+  the new model with an induction circuit built into two of its heads (model.add_copy_circuit),
+  kept fixed while the rest trains (--train-copy-circuit lets it change); off by default,
+  since at 300 steps it did not yet change what the model gets right (README). With
+  --init, --freeze-layers N trains only the layers above N (2.3x faster per token on
+  SmolLM2-135M with 20 of 30 frozen), and logits are computed at learned positions only.
 """
 import dataclasses
 import json
@@ -49,7 +52,7 @@ import train
 from baselines import scripted_policy
 from env import EnvConfig, Episode, play
 from evaluation import resolve_device
-from model import PRESETS, build_model, load_model, num_parameters, preset_config
+from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, load_model, num_parameters, preset_config
 from policy import Policy, shared_prefix_logits
 from tasks import task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
@@ -74,6 +77,11 @@ class SFTOptions:
                                    "a pretrained model's lower layers already read and copy", "model")
     preset: str = cli.field("tiny", "model preset when training from scratch: " + ", ".join(PRESETS), "model")
     vocab_size: int = cli.field(2048, "BPE vocabulary when training from scratch", "model")
+    copy_circuit: bool = cli.field(False, "from scratch: build an induction circuit into the model "
+                                   "(model.add_copy_circuit; needs --preset tiny-copy), so that it can copy from "
+                                   "its context at step 0", "model")
+    train_copy_circuit: bool = cli.field(False, "let training change the circuit's heads (by default they stay "
+                                         "fixed: the first steps, spent on the format, otherwise erase it)", "model")
     copy_warmup_steps: int = cli.field(0, "steps of a copy drill before SFT (random tokens in which a span "
                                        "recurs; loss on the repeat); measured not to help the tiny model", "optimizer")
     copy_warmup_lr: float = cli.field(1e-3, "learning rate of the copy drill", "optimizer")
@@ -352,6 +360,13 @@ def prepare(config, run: Path, device: str):
             tokenizer.save(tokenizer_dir)
             print(f"tokenizer: BPE of {tokenizer.vocab_size} tokens in {time.time() - t:.1f}s", file=sys.stderr)
         model = build_model(preset_config(config.preset, vocab_size=tokenizer.vocab_size), device, seed=config.seed)
+        if config.copy_circuit:
+            try:
+                add_copy_circuit(model, seed=config.seed)
+            except ValueError as e:
+                raise train.TrainingError(f"--copy-circuit with --preset {config.preset}: {e}") from None
+            if not config.train_copy_circuit:
+                train.freeze_slices(model, copy_circuit_slices(model.config))
     train.freeze_bottom(model, config.freeze_layers)
     return rows, tokenizer, tokenizer_dir, model
 

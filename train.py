@@ -122,6 +122,17 @@ def lr_at(step: int, total: int, config) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def freeze_slices(model, slices: dict[str, tuple[slice, ...]]) -> None:
+    """Keep parts of tensors fixed: their gradient is zeroed as it is computed, so AdamW's
+    moments for them stay zero and its update is zero (weight decay alone still shrinks them,
+    by lr * weight_decay a step)."""
+    params = dict(model.named_parameters())
+    for name, index in slices.items():
+        mask = torch.ones_like(params[name])
+        mask[index] = 0
+        params[name].register_hook(lambda grad, mask=mask: grad * mask)
+
+
 def freeze_bottom(model, n: int) -> None:
     """Freeze the embeddings (so a tied output layer too) and the first n layers: no gradient,
     no optimizer state, and no backward through them."""
