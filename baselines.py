@@ -112,7 +112,6 @@ class GraphPolicy:
         self.next_id = 1
         self.notes: list[str] = []
         self.callees: list[CalleeInfo] = []
-        self.answer_text: dict[str, str] = {}   # call id -> OK result text
 
     def __call__(self, messages: list[dict]) -> str:
         if not self.callees:
@@ -120,7 +119,7 @@ class GraphPolicy:
         self.read_results(last_state(messages))
         final = self.task.subtasks[-1].id if self.task.subtasks else None
         if final is not None and final in self.solved:
-            return f"<answer>{self.answer_text[self.solved[final]]}</answer>"
+            return f"<answer>{{{self.solved[final]}}}</answer>"   # the result by reference, as calls do
         todo = self.choose([s for s in self.task.subtasks if s.id not in self.solved])
         calls = self.write_calls(todo)
         if not calls:
@@ -142,13 +141,13 @@ class GraphPolicy:
                 continue
             ok = [r for r in rows if r[2] == "OK"]
             if ok:
-                self.solve(sid, ok[0][0], ok[0][3])
+                self.solve(sid, ok[0][0])
             for call_id, callee, status, text in rows:
                 if status != "OK" and not text.startswith("dependency"):   # its own failure
                     self.on_failure(sid, status, call_id, callee)
 
-    def solve(self, sid: int, call_id: str, text: str) -> None:
-        self.solved[sid], self.answer_text[call_id] = call_id, text
+    def solve(self, sid: int, call_id: str) -> None:
+        self.solved[sid] = call_id
         self.route.pop(sid, None)
         self.votes.pop(sid, None)
 
@@ -179,7 +178,7 @@ class GraphPolicy:
         for call_id, callee, status, text in rows:
             if status == "OK" and level.get(callee, 0.0) >= NEAR_EXACT:
                 self.notes.append(f"{callee} settles it")
-                self.solve(sid, call_id, text)
+                self.solve(sid, call_id)
                 return
             if status == "OK":
                 self.votes[sid].append((call_id, text, callee))
@@ -188,7 +187,7 @@ class GraphPolicy:
         if agreed:
             ids = [v[0] for v in self.votes[sid] if v[1] == agreed[0][1]]
             self.notes.append(f"calls {ids[0]} and {ids[1]} agree")
-            self.solve(sid, agreed[0][0], agreed[0][1])
+            self.solve(sid, agreed[0][0])
             return
         ranking = self.ranking(sid)
         exact = [c for c in ranking if c.skills[skill] >= NEAR_EXACT]

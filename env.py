@@ -5,7 +5,7 @@ The protocol (DESIGN.md §6). An assistant turn is text with tags:
     <think>short plan</think>                        optional, ignored by the environment
     <call id="1" to="kb">capital of Zarnia</call>    id: a new number (unique in the episode)
     <call id="2" to="kb">population of {1}</call>    {k} = the result of call k
-    <answer>...</answer>                             ends the episode
+    <answer>{2}</answer>                             ends the episode ({k} as in calls, or plain text)
 A call waits only for the calls it references; everything else in the turn runs at once. {k}
 may name an earlier call of the same turn (a dependency edge) or any call of an earlier round
 (its result is pasted in; if it did not succeed, the call fails with EXEC_ERR). A reference to a
@@ -397,6 +397,19 @@ _NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
 _SYNONYMS = {"true": "yes", "false": "no"}
 
 
+def resolve_answer(text: str, history: dict[str, "CallResult"]) -> tuple[str | None, str | None]:
+    """An answer may name results as calls do: `<answer>{4}</answer>` is call 4's result, so a
+    policy need not copy a long number out of a state message. A reference to a call that has
+    no OK result leaves the episode unanswered, and is a protocol error: (answer, error)."""
+    for ref in dict.fromkeys(_REF.findall(text)):
+        result = history.get(ref)
+        if result is None or result.status != OK:
+            why = "no such call" if result is None else f"it ended {result.status}"
+            return None, f"the answer references {{{ref}}}, which has no OK result ({why})"
+        text = text.replace("{%s}" % ref, result.text)
+    return text, None
+
+
 def normalize_answer(text: str) -> str:
     text = " ".join(str(text).strip().lower().split()).strip(" .!\"'")
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", text):
@@ -435,7 +448,7 @@ def system_prompt(pool: Pool, config: EnvConfig) -> str:
         "Turn: <think>plan</think> (optional), then calls or the answer.\n"
         '<call id="1" to="NAME">task</call>: new id per call; {k} = result of call k (waits for it); '
         "other calls run in parallel.\n"
-        "<answer>final answer</answer> ends the episode. Nothing outside tags.\n"
+        "<answer>final answer</answer> ends the episode ({k} allowed). Nothing outside tags.\n"
         "Results come in <state>: OK, PARSE_ERR, EXEC_ERR or TIMEOUT; re-route failed calls.\n"
         f"Budget: {config.max_turns} turns, {config.time_budget:g} s. "
         "Pool (name | kind | description | cost | latency):\n" + pool.describe())
@@ -519,8 +532,9 @@ class Episode:
         self.outside_turns += turn.outside_chars > 0
         if turn.answer is not None:
             # calls written beside the answer are not run: that is a protocol error
-            self.parse_errors += len(turn.errors) + (len(turn.calls) > 0)
-            self.answer, self.done = turn.answer, True
+            answer, error = resolve_answer(turn.answer, self.history)
+            self.parse_errors += len(turn.errors) + (len(turn.calls) > 0) + (error is not None)
+            self.answer, self.done = answer, True
             return None
         errors = list(turn.errors)
         if not turn.calls and not errors:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 
 from baselines import scripted_policy
-from env import (EnvConfig, Episode, EpisodeResult, RewardConfig, answers_match, episode_rewards,
-                 group_rewards, play)
+from env import (CallResult, EnvConfig, Episode, EpisodeResult, RewardConfig, answers_match, episode_rewards,
+                 group_rewards, play, resolve_answer)
 from tasks import Subtask, Task, make_tasks, world_for_split
 from tools import OK, Callee, Pool, Reply, load_pool
 
@@ -86,6 +86,22 @@ def test_answer_ends_episode_and_budgets():
     assert r.answer is None and not r.success and r.parse_errors == 1 and r.outside_turns == 1
     ep = Episode(TASK, _pool(), EnvConfig(time_budget=1.5))
     assert ep.step('<call id="1" to="b">x</call>') is None and ep.done
+
+
+def test_answer_by_reference():
+    ep = Episode(TASK, _pool())
+    ep.step('<call id="1" to="a">a</call><call id="2" to="a">b</call><call id="3" to="a">fail</call>')
+    assert ep.step('<answer>{1} {2}</answer>') is None          # results "A" and "B", pasted in
+    r = ep.result()
+    assert (r.answer, r.success, r.parse_errors) == ("A B", True, 0)
+    for answer, why in (("{3}", "it ended EXEC_ERR"), ("{1} {9}", "no such call")):
+        ep = Episode(TASK, _pool())
+        ep.step('<call id="1" to="a">a</call><call id="3" to="a">fail</call>')
+        ep.step(f"<answer>{answer}</answer>")
+        r = ep.result()
+        assert ep.done and r.answer is None and not r.success and r.parse_errors == 1, why
+    assert resolve_answer("{3}", {"3": CallResult("3", "a", "x", "EXEC_ERR", "boom", 0.0, 0.0)})[1] == \
+        "the answer references {3}, which has no OK result (it ended EXEC_ERR)"
 
 
 def test_redundant_calls():

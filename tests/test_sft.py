@@ -155,7 +155,7 @@ def test_oracle_reroutes_and_cross_checks_by_hand():
     turn = oracle(messages)
     assert turn == '<think>calls 8 and 9 disagree, ask calc.</think>\n<call id="10" to="calc">{6} * 2</call>'
     messages += [{"role": "assistant", "content": turn}, _state(("10", "calc", "OK", "200"))]
-    assert oracle(messages) == "<answer>200</answer>"
+    assert oracle(messages) == "<answer>{10}</answer>"   # call 10's result (200), by reference
 
 
 def _sft(tmp_path, name, *extra):
@@ -313,3 +313,17 @@ def test_freeze_layers_trains_only_the_top():
     assert all(k.startswith("model.layers.2.") or k == "model.norm.weight" for k in changed)
     with pytest.raises(train.TrainingError, match="has 3 layers"):
         train.freeze_bottom(model, 3)
+
+
+def test_a_pool_the_oracle_cannot_play_is_an_error_not_a_hang(tmp_path):
+    # one agent whose every call fails, and nothing else: no episode is solved, none is kept
+    pool = {"name": "hopeless", "callees": [
+        {"type": "sim_agent", "name": "dunce", "kind": "agent", "cost": 0.001, "latency": 1.0,
+         "description": "chat assistant; knowledge: poor, math: poor, strings: poor",
+         "skills": {"lookup": 0.5, "math": 0.5, "text": 0.5}, "exec_err_rate": 1.0, "timeout_rate": 0.0}]}
+    path = tmp_path / "hopeless.json"
+    path.write_text(json.dumps(pool))
+    t = time.time()
+    with pytest.raises(train.TrainingError, match=r"the oracle solved only 0 of the first 1000"):
+        generate_episodes(5, seed=0, failure_rate=0.0, recovery=True, pool=str(path))
+    assert time.time() - t < 60
