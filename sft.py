@@ -112,6 +112,9 @@ def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, po
         episode = Episode(task, load_pool(pool, task_world(task), draw), env, seed=f"sft:{seed}:{i}")
         result = play(episode, scripted_policy("oracle", task, i))
         i += 1
+        if i >= 1000 and len(out) < i // 10:   # a pool the oracle cannot play: fail, do not loop forever
+            raise train.TrainingError(f"--pool {pool}: the oracle solved only {len(out)} of the first {i} "
+                                      "training tasks; is it a pool of its kind?")
         failures = result.exec_errors + result.timeouts + result.parse_errors
         if not result.success or (not recovery and failures):
             continue
