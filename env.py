@@ -397,7 +397,7 @@ _NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
 _SYNONYMS = {"true": "yes", "false": "no"}
 
 
-def resolve_answer(text: str, history: dict[str, "CallResult"]) -> tuple[str | None, str | None]:
+def resolve_answer(text: str, history: dict[str, CallResult]) -> tuple[str | None, str | None]:
     """An answer may name results as calls do: `<answer>{4}</answer>` is call 4's result, so a
     policy need not copy a long number out of a state message. A reference to a call that has
     no OK result leaves the episode unanswered, and is a protocol error: (answer, error)."""

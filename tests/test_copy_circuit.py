@@ -5,6 +5,7 @@ softmax over q.k, no engine, no SDPA), an induction copier written here (the tok
 the latest earlier occurrence of the current token), and transformers loading the checkpoint.
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ import torch
 import model as M
 import train
 from sft import copy_drill_batch
-from types import SimpleNamespace
 
 
 def circuit_model(vocab=2048, seed=0, **overrides):
