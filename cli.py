@@ -62,6 +62,15 @@ def parse_config(config_cls, argv=None, description: str = ""):
     return config_cls(**vars(args))
 
 
+def explicit_fields(config_cls, argv=None) -> set[str]:
+    """The fields whose flags `argv` gives explicitly, whatever their values: what a resumed
+    run lets override the config it saved."""
+    unset = object()   # not a string: argparse would run a string default through the flag's type
+    parser = build_parser(config_cls)
+    parser.set_defaults(**{f.name: unset for f in dataclasses.fields(config_cls)})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
 def log_config(config, stream=sys.stderr) -> None:
     """Print the exact config a run uses, one line, so logs say what produced them."""
     print("config " + json.dumps(dataclasses.asdict(config), sort_keys=True, default=str), file=stream)

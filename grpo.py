@@ -333,7 +333,8 @@ def run(config) -> int:
 
 @cli.entry_point
 def main(argv=None) -> int:
-    return run(cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0]))
+    config = cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0])
+    return run(train.resumed_config(config, "grpo", cli.explicit_fields(GRPOConfig, argv)))
 
 
 if __name__ == "__main__":

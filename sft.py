@@ -484,7 +484,8 @@ def run(config) -> int:
 
 @cli.entry_point
 def main(argv=None) -> int:
-    return run(cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0]))
+    config = cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0])
+    return run(train.resumed_config(config, "sft", cli.explicit_fields(SFTConfig, argv)))
 
 
 if __name__ == "__main__":

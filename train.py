@@ -25,7 +25,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -89,6 +89,30 @@ def run_dir(config, stage: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     return path
+
+
+def resumed_config(config, stage: str, explicit: set[str]):
+    """With --resume, the run's own config.json, with only the flags given explicitly on this
+    command line (`explicit`, e.g. --steps to extend it) overriding it: `python sft.py --resume
+    --name R` continues R as it was started, not with this command's defaults. Overrides hold
+    for this command only (config.json is not rewritten: a command that then fails must not
+    change the run), and the progress log names them."""
+    if not config.resume:
+        return config
+    path = run_dir(config, stage)
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--resume: cannot read {path / 'config.json'}: {e}") from None
+    known = {f.name for f in fields(config)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: getattr(config, k) for k in explicit})
+    values.update(resume=True, name=path.name)
+    merged = replace(config, **values)
+    changed = sorted(k for k in explicit - {"resume", "name"} if saved.get(k) != getattr(merged, k))
+    flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+    print(f"resume: the config of {path}" + (f", overridden by {flags}" if changed else ""), file=sys.stderr)
+    return merged
 
 
 def set_latest(run: Path, checkpoint: Path) -> None:
@@ -189,7 +213,12 @@ def load_training_state(path: Path, model, optimizer) -> dict:
         moments = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise TrainingError(f"cannot resume from {path}: {e}") from None
-    model.load_state_dict(loaded.state_dict())
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:   # a flag changed the model's shape since the run started
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise TrainingError(f"cannot resume from {path}: the checkpoint does not fit the model this config "
+                            f"builds ({first[:200]})") from None
     params = dict(model.named_parameters())
     for name, value in moments.items():
         pname, key = name.rsplit(".", 1)

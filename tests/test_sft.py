@@ -184,7 +184,10 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.is_dir() and not (tmp_path / "sft" / "latest").exists()
-    out = subprocess.run(_sft(tmp_path, "killed", "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    # no flag but the run's name: the run's own config.json says how it was started (every flag
+    # of _sft differs from sft.py's defaults, so a resume on the defaults would not match `ref`)
+    resume = [sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(tmp_path), "--name", "killed", "--resume"]
+    out = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from" in out.stderr and "step-000008" in out.stderr
     resumed = _losses(tmp_path / "sft" / "killed")
@@ -201,6 +204,10 @@ def test_broken_checkpoint_says_which_tensor(tmp_path):
     args[args.index("--steps") + 1] = "4"
     subprocess.run(args, check=True, env=env, capture_output=True, timeout=300)
     ckpt = tmp_path / "sft" / "broken" / "checkpoints" / "step-000004"
+    # a flag that changes the model's shape since the run started: one line, no traceback
+    out = subprocess.run(args + ["--resume", "--preset", "small"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "does not fit the model" in out.stderr and "--preset" in out.stderr
     from safetensors.torch import load_file, save_file
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     name = next(n for n in tensors if n.endswith("exp_avg"))
