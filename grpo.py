@@ -269,11 +269,13 @@ def run(config) -> int:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    init = config.init or latest_of(config.runs_dir, "sft") or ""
+    run_path = train.run_dir(config, "grpo")
+    resume_from = train.resume_point(run_path) if config.resume else None
+    # A resumed run keeps the start it was given (its KL reference), even if sft/latest has moved on.
+    init = config.init or train.saved_init(resume_from) or latest_of(config.runs_dir, "sft") or ""
     if not init:
         raise train.TrainingError(f"no SFT checkpoint to start from ({config.runs_dir}/sft/latest does not exist): "
                                   "run `python sft.py` first, or pass --init CHECKPOINT")
-    run_path = train.run_dir(config, "grpo")
     try:
         policy = Policy.load(init, device=device)
     except (OSError, ValueError) as e:
@@ -284,7 +286,6 @@ def run(config) -> int:
     optimizer = train.make_optimizer(model, config)
     generator = torch.Generator(device).manual_seed(config.seed)
     step = 0
-    resume_from = train.resume_point(run_path) if config.resume else None
     if resume_from is not None:
         state = train.load_training_state(resume_from, model, optimizer)
         step = state["step"]

@@ -236,6 +236,15 @@ def load_training_state(path: Path, model, optimizer) -> dict:
     return state
 
 
+def saved_init(checkpoint: Path | None) -> str:
+    """The checkpoint a run started from, as its training state recorded it ("" if none or
+    unreadable: load_training_state then names the problem)."""
+    try:
+        return json.loads((checkpoint / "training_state.json").read_text()).get("init", "") if checkpoint else ""
+    except (OSError, ValueError):
+        return ""
+
+
 def resume_point(run: Path) -> Path | None:
     """The newest checkpoint of a run that has its training state (None: start afresh)."""
     for path in reversed(run_checkpoints(run)):

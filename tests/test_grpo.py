@@ -108,7 +108,8 @@ def test_grpo_step_equals_a_plain_reference_loop(aggregation):
 
 def test_grpo_runs_end_to_end_and_resumes(tmp_path):
     """grpo.py on a tiny random checkpoint: rollouts through the environment, every logged
-    term present, checkpoints, runs/grpo/latest, and --resume continuing from the last one."""
+    term present, checkpoints, runs/grpo/latest, and --resume continuing from the last one, from
+    the start the run recorded even after runs/sft/latest has moved."""
     import json
     import subprocess
     import sys
@@ -124,7 +125,9 @@ def test_grpo_runs_end_to_end_and_resumes(tmp_path):
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     M.save_model(M.init_weights(M.Transformer(config), seed=0), ckpt, tokenizer_dir=ckpt)
     root = Path(__file__).resolve().parent.parent
-    args = [sys.executable, str(root / "grpo.py"), "--init", str(ckpt), "--runs-dir", str(tmp_path), "--name", "g",
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "latest").symlink_to(ckpt)  # the default start, as sft.py leaves it
+    args = [sys.executable, str(root / "grpo.py"), "--runs-dir", str(tmp_path), "--name", "g",
             "--prompts", "2", "--group", "3", "--max-new-tokens", "24", "--max-turns", "2", "--eval-n", "2",
             "--eval-every", "0", "--ckpt-every", "1", "--kl-coef", "0.05"]
     out = subprocess.run(args + ["--steps", "2"], capture_output=True, text=True, timeout=300)
@@ -136,8 +139,13 @@ def test_grpo_runs_end_to_end_and_resumes(tmp_path):
                 "rollout_seconds", "train_seconds", "eval_success"):
         assert key in rows[-1], key
     assert (tmp_path / "grpo" / "latest").resolve().name == "step-000002"
+    # A newer SFT run moved sft/latest (here to a folder that is no checkpoint): the resumed run
+    # must keep its own start and KL reference, not pick up the new one.
+    (tmp_path / "sft" / "latest").unlink()
+    (tmp_path / "sft" / "latest").symlink_to(tmp_path / "sft")
     out = subprocess.run(args + ["--steps", "3", "--resume"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "resumed from" in out.stderr and "step-000002" in out.stderr, out.stderr[-2000:]
+    assert f"grpo: {ckpt.resolve()} ->" in out.stderr, out.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "grpo" / "g" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
