@@ -25,6 +25,9 @@ Design choices, and why:
   PARSE_ERR, the protocol's own way of refusing an action, so the reward's protocol term
   penalizes it and the call is not run (a reward-only penalty would still let parallel calls
   buy their latency advantage).
+- Weights, the KL reference and AdamW state are fp32 on every device; --precision bf16-mixed
+  (the CUDA default) runs only the training passes under bf16 autocast (train.autocast). The
+  rollouts stay at the weights' fp32, since the engine's caches take the weights' dtype.
 """
 import copy
 import dataclasses
@@ -227,23 +230,28 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
     passes = shared_passes if config.shared_prefix_train else plain_passes
-    for batch, mask, logp_old, logprobs, tokens in passes(model, reference, rollouts, config.micro_batch_tokens, device):
-        adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
-        logp, entropy = logprobs(model)
-        logp_ref = None
-        if reference is not None:
-            with torch.no_grad():
-                logp_ref, _ = logprobs(reference)
-        loss, stats = rl_loss.grpo_loss(logp, logp_old, adv, mask, config.clip_low, config.clip_high,
-                                        config.kl_coef, logp_ref, config.aggregation, config.norm_tokens,
-                                        total_tokens=total_tokens, episodes=len(rollouts))
-        loss.backward()
-        n = mask.sum().item()
-        for k in ("clip_fraction", "kl", "ratio"):
-            sums[k] += stats[k] * n
-        sums["entropy"] += (entropy * mask).sum().item()
-        sums["loss"] += loss.item()
-        trained_tokens += tokens
+    # The passes (and the prompt's backward in shared_passes) run under autocast; the rollouts'
+    # old log-probs came from the engine at the weights' fp32, so under bf16-mixed the first
+    # update's ratio is off 1 by bf16's roundoff, well inside the clip range.
+    with train.autocast(config.precision, device):
+        for batch, mask, logp_old, logprobs, tokens in passes(model, reference, rollouts, config.micro_batch_tokens,
+                                                              device):
+            adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
+            logp, entropy = logprobs(model)
+            logp_ref = None
+            if reference is not None:
+                with torch.no_grad():
+                    logp_ref, _ = logprobs(reference)
+            loss, stats = rl_loss.grpo_loss(logp, logp_old, adv, mask, config.clip_low, config.clip_high,
+                                            config.kl_coef, logp_ref, config.aggregation, config.norm_tokens,
+                                            total_tokens=total_tokens, episodes=len(rollouts))
+            loss.backward()
+            n = mask.sum().item()
+            for k in ("clip_fraction", "kl", "ratio"):
+                sums[k] += stats[k] * n
+            sums["entropy"] += (entropy * mask).sum().item()
+            sums["loss"] += loss.item()
+            trained_tokens += tokens
     grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
     out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}
@@ -267,6 +275,7 @@ def episode_stats(results: list[EpisodeResult], flat_groups: torch.Tensor) -> di
 def run(config) -> int:
     cli.log_config(config)
     device = resolve_device(config.device)
+    precision = train.precision_of(config.precision, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     run_path = train.run_dir(config, "grpo")
@@ -277,7 +286,7 @@ def run(config) -> int:
         raise train.TrainingError(f"no SFT checkpoint to start from ({config.runs_dir}/sft/latest does not exist): "
                                   "run `python sft.py` first, or pass --init CHECKPOINT")
     try:
-        policy = Policy.load(init, device=device)
+        policy = Policy.load(init, device=device, dtype=torch.float32)  # fp32 master weights (train.autocast)
     except (OSError, ValueError) as e:
         raise train.TrainingError(f"--init {init}: {e}") from None
     model = policy.model
@@ -291,7 +300,7 @@ def run(config) -> int:
         step = state["step"]
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
-    print(f"grpo: {init} -> {run_path}", file=sys.stderr)
+    print(f"grpo: {init} -> {run_path} ({device}, {precision})", file=sys.stderr)
     metrics = train.Metrics(run_path, config.steps, step)
     path = resume_from
     while step < config.steps:

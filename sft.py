@@ -35,6 +35,9 @@ Design choices, and why:
   since at 300 steps it did not yet change what the model gets right (README). With
   --init, --freeze-layers N trains only the layers above N (2.3x faster per token on
   SmolLM2-135M with 20 of 30 frozen), and logits are computed at learned positions only.
+- Weights and AdamW moments are fp32 on every device, whatever dtype the checkpoint holds: a
+  bf16 weight rounds away any update under 1/256 of itself. On CUDA the passes run under bf16
+  autocast (--precision auto = bf16-mixed there; fp32 on this CPU, which has no fast bf16).
 """
 import dataclasses
 import json
@@ -348,7 +351,7 @@ def prepare(config, run: Path, device: str):
     tokenizer_dir = run / "tokenizer"
     if config.init:
         try:
-            model = load_model(config.init, device=device)
+            model = load_model(config.init, device=device, dtype=torch.float32)  # fp32 master weights
             tokenizer = Tokenizer.load(config.init)
         except (OSError, ValueError) as e:
             raise train.TrainingError(f"--init {config.init}: {e}") from None
@@ -362,7 +365,8 @@ def prepare(config, run: Path, device: str):
             tokenizer = train_tokenizer(texts, config.vocab_size)
             tokenizer.save(tokenizer_dir)
             print(f"tokenizer: BPE of {tokenizer.vocab_size} tokens in {time.time() - t:.1f}s", file=sys.stderr)
-        model = build_model(preset_config(config.preset, vocab_size=tokenizer.vocab_size), device, seed=config.seed)
+        model = build_model(preset_config(config.preset, vocab_size=tokenizer.vocab_size), device,
+                            dtype=torch.float32, seed=config.seed)
         if config.copy_circuit:
             try:
                 add_copy_circuit(model, seed=config.seed)
@@ -377,6 +381,7 @@ def prepare(config, run: Path, device: str):
 def run(config) -> int:
     cli.log_config(config)
     device = resolve_device(config.device)
+    precision = train.precision_of(config.precision, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     run_path = train.run_dir(config, "sft")
@@ -389,7 +394,7 @@ def run(config) -> int:
     learned = sum(sum(m) for _, m in examples)
     print(f"tokens: {sum(lengths)} in {len(examples)} episodes (mean {sum(lengths) / len(lengths):.0f}, "
           f"max {max(lengths)}; {learned / sum(lengths):.1%} learned) in {time.time() - t:.1f}s; "
-          f"model {num_parameters(model) / 1e6:.2f}M parameters on {device}", file=sys.stderr)
+          f"model {num_parameters(model) / 1e6:.2f}M parameters on {device}, {precision}", file=sys.stderr)
     model.train()
     optimizer = train.make_optimizer(model, config)
     step, epoch, position = 0, 0, 0
@@ -437,15 +442,16 @@ def run(config) -> int:
         n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
         loss_sum = 0.0
         for batch in micro:
-            if config.shared_prefix:
-                p = prefix_of[batch[0]]
-                loss = shared_sum_token_loss(model, prefixes[p], [suffixes[i] for i in batch],
-                                             tokenizer.pad_token_id, device) / n_learned
-                window["computed"] += prefix_lens[p] + sum(suffix_lens[i] for i in batch)
-            else:
-                ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
-                loss = sum_token_loss(model, ids, mask) / n_learned
-                window["computed"] += sum(lengths[i] for i in batch)
+            with train.autocast(config.precision, device):
+                if config.shared_prefix:
+                    p = prefix_of[batch[0]]
+                    loss = shared_sum_token_loss(model, prefixes[p], [suffixes[i] for i in batch],
+                                                 tokenizer.pad_token_id, device) / n_learned
+                    window["computed"] += prefix_lens[p] + sum(suffix_lens[i] for i in batch)
+                else:
+                    ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
+                    loss = sum_token_loss(model, ids, mask) / n_learned
+                    window["computed"] += sum(lengths[i] for i in batch)
             loss.backward()
             loss_sum += loss.item()
             window["padded"] += stream.size(batch)

@@ -45,6 +45,8 @@ class TrainConfig:
     seed: int = cli.field(0, "seed for data, init and sampling", "run")
     device: str = cli.field("auto", "cpu or cuda (auto: cuda if available)", "run")
     runs_dir: str = cli.field("runs", "where runs are written", "run")
+    precision: str = cli.field("auto", "fp32, or bf16-mixed (fp32 weights and AdamW state, bf16 autocast in the "
+                               "training passes); auto: bf16-mixed on CUDA, fp32 on CPU", "run")
     lr: float = cli.field(3e-3, "peak learning rate", "optimizer")
     min_lr_frac: float = cli.field(0.1, "final learning rate as a fraction of --lr (cosine decay)", "optimizer")
     warmup_steps: int = cli.field(30, "linear warm-up steps", "optimizer")
@@ -59,6 +61,29 @@ class TrainConfig:
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
     eval_seed: int = cli.field(0, "seed of the periodic evaluation's tasks and pool draws (not --seed: runs of "
                                "every training seed are compared on the same tasks)", "eval")
+
+
+# ---------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+def precision_of(precision: str, device) -> str:
+    """--precision resolved: auto is bf16-mixed on CUDA, fp32 elsewhere (this CPU has no fast bf16)."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device):
+    """The context training passes run in. Weights and AdamW moments are fp32 in every mode
+    (models are loaded for training with dtype=torch.float32): a bf16 weight rounds away any
+    update under 1/256 of itself, so at lr 2e-4 most of a step would be lost. bf16-mixed runs
+    the matmuls in bf16 under torch.autocast; losses are taken in fp32."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision_of(precision, device) == "bf16-mixed")
 
 
 # ---------------------------------------------------------------- run folders

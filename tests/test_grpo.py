@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 import rl_loss
@@ -72,7 +73,8 @@ def _episodes(model):
 @pytest.mark.parametrize("aggregation", ["token-mean", "constant"])
 def test_grpo_step_equals_a_plain_reference_loop(aggregation):
     config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
-                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False)
+                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False,
+                             precision="fp32")
     policy, reference = _model(), _model()
     with torch.no_grad():
         for p in reference.parameters():
@@ -176,7 +178,8 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_ba
             old = [(-2.0 - 0.1 * t) if m else 0.0 for t, m in enumerate(mask)]
             rollouts.append(Rollout(ids, mask, old, 0.0, prompt_len, advantage=(-1.0) ** k * 0.5))
     config = SimpleNamespace(micro_batch_tokens=micro_batch_tokens, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
-                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False)
+                             aggregation=aggregation, norm_tokens=16, grad_clip=0.0, shared_prefix_train=False,
+                             precision="fp32")
     if micro_batch_tokens < 100:
         from grpo import shared_passes
         assert len(list(shared_passes(_model(), None, rollouts, micro_batch_tokens, "cpu"))) >= 4
@@ -197,3 +200,27 @@ def test_shared_prefix_training_step_equals_the_plain_step(aggregation, micro_ba
         assert ((g_shared - g_plain).norm() / g_plain.norm().clamp(min=1e-12)).item() < 1e-5, name
         if frozen and (name.startswith("model.layers.0.") or "embed" in name):
             assert torch.equal(q.detach(), p0), name
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_bf16_mixed_step_keeps_fp32_weights_and_follows_the_fp32_step(shared):
+    """--precision bf16-mixed (CUDA's default; CPU autocast here): the weights stay fp32, the
+    passes run in bf16 (the loss moves by bf16 roundoff, no more), and the update follows the
+    fp32 one, which the test above checks against a reference loop."""
+    config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=0.1,
+                             aggregation="token-mean", norm_tokens=16, grad_clip=0.0, shared_prefix_train=shared,
+                             precision="fp32")
+    reference = _model()
+    rollouts = _episodes(reference)
+    steps, losses = {}, {}
+    for precision in ("fp32", "bf16-mixed"):
+        model = _model()
+        start = [p.detach().clone() for p in model.parameters()]
+        config.precision = precision
+        losses[precision] = train_on(model, reference, torch.optim.SGD(model.parameters(), lr=1.0), rollouts,
+                                     config, 1.0, "cpu")["loss"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        steps[precision] = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), start)])
+    assert losses["bf16-mixed"] != losses["fp32"]
+    assert losses["bf16-mixed"] == pytest.approx(losses["fp32"], rel=3e-2, abs=1e-3)
+    assert F.cosine_similarity(steps["bf16-mixed"], steps["fp32"], dim=0) > 0.99

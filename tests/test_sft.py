@@ -305,6 +305,25 @@ def test_token_loss_at_learned_positions_equals_the_full_cross_entropy():
     assert torch.allclose(sum_token_loss(model, ids, mask), (full * mask.reshape(-1)).sum(), atol=1e-5)
 
 
+def test_bf16_mixed_loss_is_the_fp32_loss_up_to_roundoff():
+    """--precision: auto is fp32 on CPU and bf16-mixed on CUDA; bf16-mixed runs the pass in bf16
+    (a loss that differs from fp32's by roundoff only) with fp32 weights and gradients."""
+    assert train.precision_of("auto", "cpu") == "fp32" and train.precision_of("auto", "cuda") == "bf16-mixed"
+    with pytest.raises(train.TrainingError, match="--precision 'fp16'"):
+        train.precision_of("fp16", "cpu")
+    model = M.build_model(M.preset_config("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2), "cpu", seed=0)
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 11)
+    fp32 = sum_token_loss(model, ids, mask)
+    with train.autocast("bf16-mixed", "cpu"):
+        mixed = sum_token_loss(model, ids, mask)
+    assert mixed.dtype == torch.float32 and mixed.item() != fp32.item()
+    assert mixed.item() == pytest.approx(fp32.item(), rel=2e-2)
+    mixed.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_freeze_layers_trains_only_the_top():
     model = M.build_model(M.preset_config("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=3), "cpu", seed=0)
