@@ -170,7 +170,7 @@ def main(argv=None):
     if cfg.append_lens:
         return bench_append(cfg, dtype)
     if cfg.train:
-        return bench_train(cfg, dtype)
+        return bench_train(cfg, torch.float32)  # training's weights are fp32 (train.autocast), on CUDA too
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
