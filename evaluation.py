@@ -21,7 +21,7 @@ import time
 
 from baselines import scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
-from tasks import graph_width, make_tasks, task_world
+from tasks import graph_width, make_tasks, task_world, world_for_split
 from tools import POOLS_DIR, load_pool, read_pool_spec
 
 
@@ -105,17 +105,23 @@ def pool_for_episode(pool: str, world, seed, index: int):
 
 def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
-             max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False) -> dict:
-    tasks = make_tasks(split, n, seed)
-    episodes = [Episode(task, pool_for_episode(pool, task_world(task), seed, i), env_config, reward_config,
-                        seed=f"{seed}:{i}")
+             max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False,
+             tasks: list | None = None) -> dict:
+    """n tasks of `split` (or the first n of `tasks`, e.g. a JSONL dataset's, whose callees see
+    the split's default world, as a free-text query's do), played and summarized."""
+    source = split if tasks is None else tasks[0].split     # a dataset's tasks carry its path
+    tasks = make_tasks(split, n, seed) if tasks is None else tasks[:n]
+    n = len(tasks)
+    episodes = [Episode(task, pool_for_episode(pool, task_world(task) if task.world_seed is not None
+                                               else world_for_split(split), seed, i),
+                        env_config, reward_config, seed=f"{seed}:{i}")
                 for i, task in enumerate(tasks)]
     play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len,
                   quiet)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     name = policy if isinstance(policy, str) else "model"
-    return summarize(results, wide_latency) | {"policy": name, "pool": pool, "split": split, "n": n, "seed": seed}
+    return summarize(results, wide_latency) | {"policy": name, "pool": pool, "split": source, "n": n, "seed": seed}
 
 
 def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:

@@ -6,6 +6,7 @@
                                                                     every trained run, seen and unseen pools,
                                                                     0% and 20% injected failures
     python infer.py --query "..."                                   free text, with the latest trained checkpoint
+    python infer.py --eval --policy CHECKPOINT --tasks qa.jsonl     a dataset: {"question", "answer"} a line
 
 Design choices, and why:
 - Playing and scoring live in evaluation.py (shared with training); this file is the command
@@ -31,7 +32,7 @@ from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
 from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
                         unseen_pool_names)
-from tasks import SPLITS, Task, task_at, task_world, world_for_split
+from tasks import SPLITS, Task, load_jsonl_tasks, task_at, task_world, world_for_split
 from tools import PoolError, load_pool, read_pool_spec
 
 
@@ -48,6 +49,9 @@ class InferOptions:
     pool: str = cli.field("seen", "seen (randomized training family), unseen (all unseen pools), "
                           "a pool name in pools/, or a pool JSON file", "run")
     split: str = cli.field("heldout", "task split: " + ", ".join(SPLITS), "run")
+    tasks: str = cli.field("", "--eval on a JSONL dataset instead (one {\"question\", \"answer\"} object a line; "
+                           "its first --n tasks; needs a checkpoint --policy; callees see --split's default world)",
+                           "run")
     n: int = cli.field(200, "number of episodes to evaluate", "run")
     task_index: int = cli.field(0, "which generated task --trace runs", "run")
     seed: int = cli.field(0, "seed for tasks, pool draws and callee randomness", "run")
@@ -221,6 +225,15 @@ def validate(config) -> None:
         check(os.path.isfile(os.path.join(path, "config.json")),
               f"--checkpoints {path}: not a checkpoint or run folder (no config.json in it)")
     policy = config.policy
+    if config.tasks:
+        check(config.eval, "--tasks FILE is a dataset to evaluate on: use it with --eval")
+        check(bool(policy) and os.path.isdir(policy),
+              f"--tasks: a dataset task has no subtask graph for a scripted policy to follow; "
+              f"pass a checkpoint folder as --policy (got {policy or 'none'})")
+        try:
+            load_jsonl_tasks(config.tasks)
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--tasks: {e}") from None
     if not policy:
         pass    # --trace plays the oracle; --eval prints the table
     elif "/" in policy or os.sep in policy or os.path.exists(policy):
@@ -261,7 +274,8 @@ def run(config) -> int:
     elif config.eval:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
-                           config.batch_episodes, config.max_suffix_len)
+                           config.batch_episodes, config.max_suffix_len,
+                           tasks=load_jsonl_tasks(config.tasks) if config.tasks else None)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)

@@ -474,12 +474,20 @@ def make_tasks(split: str, n: int, seed: int = 0, world: World | None = None) ->
 
 def load_jsonl_tasks(path: str, question_key: str = "question", answer_key: str = "answer") -> list[Task]:
     """Real-dataset tasks (one JSON object a line). They have no subtask graph: only real
-    agents can answer them, and only success/efficiency can be scored."""
+    agents can answer them, and only success/efficiency can be scored. A bad line is a
+    ValueError naming the file and line."""
     tasks = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                tasks.append(Task(str(row[question_key]), str(row[answer_key]), [], "jsonl",
-                                  1, 1, 1, split=path))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or question_key not in row or answer_key not in row:
+                raise ValueError(f"{path}:{number}: expected an object with {question_key!r} and {answer_key!r}")
+            tasks.append(Task(str(row[question_key]), str(row[answer_key]), [], "jsonl", 1, 1, 1, split=path))
+    if not tasks:
+        raise ValueError(f"{path}: no tasks in it")
     return tasks

@@ -41,6 +41,27 @@ def write_pool(tmp_path, callees, text=None):
 CALC = {"type": "calc", "name": "adder", "kind": "tool", "description": "exact math", "cost": 0.001, "latency": 0.1}
 
 
+# ---- infer.py: --tasks (a JSONL dataset) -----------------------------------------------------------
+
+@pytest.mark.parametrize("lines,expected", [
+    (['{"question": "2+2?", "answer": 4}', '{"question": "oops"'], ["qa.jsonl:2", "not JSON"]),
+    (['{"question": "2+2?"}'], ["qa.jsonl:1", "'answer'"]),
+    ([""], ["no tasks"]),
+])
+def test_bad_dataset_file(capsys, no_play, tmp_path, lines, expected):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    rejected(capsys, infer.main, ["--eval", "--policy", str(tmp_path / "ck"), "--tasks", str(tmp_path / "qa.jsonl")],
+             "--tasks", *expected)
+
+
+def test_dataset_with_a_scripted_policy(capsys, no_play, tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "2+2?", "answer": 4}\n')
+    rejected(capsys, infer.main, ["--eval", "--policy", "oracle", "--tasks", str(tmp_path / "qa.jsonl")],
+             "no subtask graph", "checkpoint folder")
+
+
 # ---- infer.py: --policy -------------------------------------------------------------------------
 
 def test_policy_path_that_does_not_exist(capsys, no_play):

@@ -101,6 +101,20 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, turn 1" in out.err
 
 
+def test_infer_evaluates_a_jsonl_dataset(checkpoint, capsys, tmp_path):
+    """--tasks FILE: the first --n of the file's questions are played, and the summary names the file."""
+    import json
+    import infer
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                            for q, a in [("What is 17*23?", 391), ("Reverse Velora.", "arolev"), ("2+2?", 4)]))
+    assert infer.main(["--eval", "--policy", str(checkpoint), "--tasks", str(data), "--n", "2",
+                       "--max-new-tokens", "12", "--max-turns", "1", "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert summary["n"] == 2 and summary["split"] == str(data) and "play: episodes 2/2 done" in out.err
+
+
 def test_infer_reports_episodes_that_outgrow_the_room_as_truncated(checkpoint, capsys):
     import json
     import infer
