@@ -203,8 +203,9 @@ def main(argv=None) -> int:
     return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
-def validate(config) -> None:
-    """Refuse bad input at the start, before any work: a cli.UsageError, printed as one line."""
+def validate(config) -> list[Task] | None:
+    """Refuse bad input at the start, before any work: a cli.UsageError, printed as one line.
+    Returns the --tasks dataset, read once here so that a bad row fails before anything runs."""
     check = cli.check
     check(config.split in SPLITS, f"--split {config.split!r}: expected one of {', '.join(SPLITS)}")
     for flag in ("n", "batch_episodes", "max_new_tokens", "max_suffix_len"):
@@ -225,13 +226,14 @@ def validate(config) -> None:
         check(os.path.isfile(os.path.join(path, "config.json")),
               f"--checkpoints {path}: not a checkpoint or run folder (no config.json in it)")
     policy = config.policy
+    dataset = None
     if config.tasks:
         check(config.eval, "--tasks FILE is a dataset to evaluate on: use it with --eval")
         check(bool(policy) and os.path.isdir(policy),
               f"--tasks: a dataset task has no subtask graph for a scripted policy to follow; "
               f"pass a checkpoint folder as --policy (got {policy or 'none'})")
         try:
-            load_jsonl_tasks(config.tasks)
+            dataset = load_jsonl_tasks(config.tasks)
         except (OSError, ValueError) as e:
             raise cli.UsageError(f"--tasks: {e}") from None
     if not policy:
@@ -252,6 +254,7 @@ def validate(config) -> None:
     else:
         check(policy in SCRIPTED, f"--policy {policy!r}: not a scripted policy ({', '.join(SCRIPTED)}, "
                                   "single:<callee>) nor a checkpoint folder")
+    return dataset
 
 
 def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:
@@ -266,7 +269,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
 
 
 def run(config) -> int:
-    validate(config)
+    dataset = validate(config)
     cli.log_config(config)
     env_config, reward_config = cli.sub_config(EnvConfig, config), cli.sub_config(RewardConfig, config)
     if config.table or (config.eval and not config.policy):
@@ -275,7 +278,7 @@ def run(config) -> int:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
                            config.batch_episodes, config.max_suffix_len,
-                           tasks=load_jsonl_tasks(config.tasks) if config.tasks else None)
+                           tasks=dataset)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)
