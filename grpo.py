@@ -329,11 +329,11 @@ def run(config) -> int:
             row |= train.periodic_eval(policy, config, step)
         row["step_seconds"] = time.time() - t0
         metrics.log(row)
-        if step % config.log_every == 0 or step == config.steps:
+        if (config.log_every and step % config.log_every == 0) or step == config.steps:
             metrics.progress(step, reward=row["reward"], success=row["success"], protocol=row["protocol"],
                              zero_var=row["zero_variance_groups"], kl=row.get("kl", 0.0),
                              rollout_s=round(rstats["rollout_seconds"], 1), train_s=round(train_seconds, 1))
-        if step % config.ckpt_every == 0 or step == config.steps:
+        if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
             path = train.save_checkpoint(run_path, step, model, init, optimizer,
                                          {"generator": generator.get_state().tolist(), "init": init})
     train.set_latest(run_path, path)

@@ -465,7 +465,7 @@ def run(config) -> int:
         seconds["train"] += time.time() - t0
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "epoch": stream.epoch,
                "step_seconds": time.time() - t0}
-        if step % config.log_every == 0 or step == config.steps:
+        if (config.log_every and step % config.log_every == 0) or step == config.steps:
             tok_s = window["tokens"] / max(window["time"], 1e-9)
             pad = 1 - window["computed"] / max(window["padded"], 1)
             row |= {"train_tokens_per_s": tok_s, "pad_fraction": pad}
@@ -476,7 +476,7 @@ def run(config) -> int:
             row |= train.periodic_eval(policy, config, step)
             seconds["eval"] += row["eval_seconds"]
         metrics.log(row)
-        if step % config.ckpt_every == 0 or step == config.steps:
+        if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
             t1 = time.time()
             path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
                                          {"epoch": stream.epoch, "position": stream.position})

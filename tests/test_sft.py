@@ -172,9 +172,12 @@ def _losses(run: Path) -> dict[int, float]:
 
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_sft(tmp_path / "ref", "reference"), check=True, env=env, capture_output=True, timeout=300)
+    # the reference also checks that 0 means "only at the end" (it once divided by zero)
+    subprocess.run(_sft(tmp_path / "ref", "reference", "--ckpt-every", "0", "--log-every", "0"),
+                   check=True, env=env, capture_output=True, timeout=300)
     ref = _losses(tmp_path / "ref" / "sft" / "reference")
     assert sorted(ref) == list(range(1, 13))
+    assert [p.name for p in (tmp_path / "ref" / "sft" / "reference" / "checkpoints").iterdir()] == ["step-000012"]
     # the same run, killed hard once its step-8 checkpoint exists
     proc = subprocess.Popen(_sft(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "sft" / "killed" / "checkpoints" / "step-000008"
