@@ -325,15 +325,15 @@ def run(config) -> int:
         row = {"step": step, "lr": lr, **episode_stats(results, flat), **rstats, **tstats,
                "train_seconds": train_seconds, "trained_episodes": len(keep),
                "train_tokens_per_s": tstats.get("train_tokens", 0) * config.updates_per_batch / max(train_seconds, 1e-9)}
-        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+        if train.due(step, config.eval_every, config.steps):
             row |= train.periodic_eval(policy, config, step)
         row["step_seconds"] = time.time() - t0
         metrics.log(row)
-        if (config.log_every and step % config.log_every == 0) or step == config.steps:
+        if train.due(step, config.log_every, config.steps):
             metrics.progress(step, reward=row["reward"], success=row["success"], protocol=row["protocol"],
                              zero_var=row["zero_variance_groups"], kl=row.get("kl", 0.0),
                              rollout_s=round(rstats["rollout_seconds"], 1), train_s=round(train_seconds, 1))
-        if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+        if train.due(step, config.ckpt_every, config.steps):
             path = train.save_checkpoint(run_path, step, model, init, optimizer,
                                          {"generator": generator.get_state().tolist(), "init": init})
     train.set_latest(run_path, path)

@@ -306,7 +306,7 @@ def copy_warmup(model, tokenizer: Tokenizer, optimizer, config, device: str, row
         lr = config.copy_warmup_lr * min(1.0, (step + 1) / config.warmup_steps)
         train.optimizer_step(model, optimizer, lr, config.grad_clip)
         losses.append(loss.item())
-        if (step + 1) % config.log_every == 0 or step + 1 == config.copy_warmup_steps:
+        if train.due(step + 1, config.log_every, config.copy_warmup_steps):
             print(f"copy warm-up {step + 1}/{config.copy_warmup_steps}: loss {losses[-1]:.3f}", file=sys.stderr)
     return losses
 
@@ -465,18 +465,18 @@ def run(config) -> int:
         seconds["train"] += time.time() - t0
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "epoch": stream.epoch,
                "step_seconds": time.time() - t0}
-        if (config.log_every and step % config.log_every == 0) or step == config.steps:
+        if train.due(step, config.log_every, config.steps):
             tok_s = window["tokens"] / max(window["time"], 1e-9)
             pad = 1 - window["computed"] / max(window["padded"], 1)
             row |= {"train_tokens_per_s": tok_s, "pad_fraction": pad}
             metrics.progress(step, loss=window["loss"] / window["learned"], lr=lr, tok_s=round(tok_s),
                              pad=round(pad, 3), epoch=stream.epoch)
             window = dict.fromkeys(window, 0) | {"loss": 0.0, "time": 0.0}
-        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+        if train.due(step, config.eval_every, config.steps):
             row |= train.periodic_eval(policy, config, step)
             seconds["eval"] += row["eval_seconds"]
         metrics.log(row)
-        if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+        if train.due(step, config.ckpt_every, config.steps):
             t1 = time.time()
             path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
                                          {"epoch": stream.epoch, "position": stream.position})

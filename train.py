@@ -320,6 +320,12 @@ def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config
         policy.model.train(was_training)
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether an every-N-steps action (log, eval, checkpoint) runs at this 1-based step: every
+    `every` steps, and always at the last step; every = 0 means only at the last."""
+    return (every > 0 and step % every == 0) or step == last
+
+
 def periodic_eval(policy, config, step: int) -> dict:
     """The held-out evaluation both stages log: `eval_*` metrics for the step's row, and one
     line on stderr."""

@@ -158,6 +158,13 @@ def test_oracle_reroutes_and_cross_checks_by_hand():
     assert oracle(messages) == "<answer>{10}</answer>"   # call 10's result (200), by reference
 
 
+def test_due_runs_every_n_steps_and_at_the_last():
+    from train import due
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if due(s, 0, 7)] == [7]
+    assert [s for s in range(1, 5) if due(s, 1, 4)] == [1, 2, 3, 4]
+
+
 def _sft(tmp_path, name, *extra):
     return [sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(tmp_path), "--name", name,
             "--episodes", "40", "--steps", "12", "--batch-tokens", "1200", "--micro-batch-tokens", "1200",
