@@ -10,7 +10,7 @@ The engine (`Engine`) is built for this project's hot path: G branches continuin
 - Decode attention is split: the queries of all branches of a group are folded into one query
   axis per kv head and attend to the prefix as one matrix-matrix product; each branch attends
   to its own suffix; the two partial results are merged exactly by their log-sum-exp
-  (kernels/: torch on CPU, Triton on CUDA). `share_prefix=False` copies the prefix KV into
+  (prefix_attn/: torch on CPU, Triton on CUDA). `share_prefix=False` copies the prefix KV into
   every branch instead (what most engines do), kept as the benchmark's baseline.
 - Prefill (the prompts, once per group) and one-token decode are separate passes; appending
   several tokens to a branch (an environment's state message, a forced continuation) is a
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+import prefix_attn
 from model import Transformer, load_model, plain_causal_attention
 from tokenizer import Tokenizer
 
@@ -239,14 +239,14 @@ class Engine:
         pk, pv = self.prefix_k[layer], self.prefix_v[layer]
         if not plan.all_groups:
             pk, pv = pk[plan.groups], pv[plan.groups]
-        out1, lse1 = kernels.prefix_attention(folded.reshape(NG, H, R * T * rep, D), pk, pv,
+        out1, lse1 = prefix_attn.prefix_attention(folded.reshape(NG, H, R * T * rep, D), pk, pv,
                                               plan.prefix_len, self.scale)
         out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)  # unfold: [NG, R, H, rep, T, D]
         lse1 = lse1.view(NG, H, R, T, rep).permute(0, 2, 1, 4, 3)
         if plan.slot_in_group is not None:
             out1, lse1 = out1[plan.group_idx, plan.slot_in_group], lse1[plan.group_idx, plan.slot_in_group]
         # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
-        out, _ = kernels.suffix_merge_attention(
+        out, _ = prefix_attn.suffix_merge_attention(
             q.transpose(1, 2), self.suffix_k[layer][plan.read], self.suffix_v[layer][plan.read],
             plan.start, self.scale, out1.reshape(A, H * rep, T, D).contiguous(),
             lse1.reshape(A, H * rep, T).contiguous())
@@ -400,7 +400,7 @@ def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[
     tokens, in ONE fused SDPA call per layer over [prompt K/V gathered per row ; row K/V] with a
     visibility mask. The prompt's projections and MLPs ran once; only its K/V (a few MB) is
     gathered per row for the attention op, and autograd sums the rows' gradients back into it.
-    Why not the engine's fold-and-merge ops (kernels.reference): on CPU their unfused softmax
+    Why not the engine's fold-and-merge ops (prefix_attn.reference): on CPU their unfused softmax
     backward ate most of the saving (bench.py --train at G=8: 1.17x over the plain pass with
     them in the first version; 1.95x with this and length-sorted micro-batches). `kv` may be
     detached leaves: a caller that runs a group's suffixes in several chunks then

@@ -337,7 +337,11 @@ def bwrap_path() -> str | None:
 
 def _sandbox_command(bwrap: str, prelude_args: str, tmp_bytes: int) -> list[str]:
     """The bwrap command line that runs the prelude with only the interpreter, its standard
-    library and the system's shared libraries visible, read-only."""
+    library and the system's shared libraries visible, read-only.
+
+    The private /tmp is mounted first and the read-only binds after it: bwrap applies its
+    arguments in order, so an interpreter that lives under /tmp (a venv or pyenv there) is bound
+    on top of the empty tmpfs instead of being hidden by it."""
     exe = os.path.realpath(sys.executable)
     paths = sysconfig.get_paths()
     binds = [exe, paths["stdlib"], paths["platstdlib"]]
@@ -353,25 +357,25 @@ def _sandbox_command(bwrap: str, prelude_args: str, tmp_bytes: int) -> list[str]
                  "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-all"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     for d in ("/usr/lib", "/usr/lib64", "/lib", "/lib64"):     # shared libraries (merged /usr or not)
         if os.path.islink(d):
             args += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             binds.append(d)
-    for b in dict.fromkeys(binds):
+    binds = [b for b in dict.fromkeys(binds) if os.path.exists(b)]
+    for b in binds:
         args += ["--ro-bind", b, b]
     # third-party packages would be readable through the binds above: hide them under empty dirs
     for d in dict.fromkeys([paths["purelib"], paths["platlib"], *site.getsitepackages()]):
         if os.path.isdir(d) and any(_within(d, b) for b in binds):
             args += ["--tmpfs", d]
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     # bwrap makes the folders above the binds (e.g. /root for a pyenv interpreter) private to
-    # root; the dropped uid must be able to walk through them
-    made = {a for b in binds for a in _ancestors(b) if not any(_within(a, c) for c in binds)}
+    # root; the dropped uid must be able to walk through them. /tmp keeps its sticky 1777.
+    made = {a for b in binds for a in _ancestors(b) if not any(_within(a, c) for c in binds)} - {"/tmp"}
     for a in sorted(made):
         args += ["--chmod", "0755", a]
-    return args + [exe, "-I", "-S", "-c", _PYTHON_PRELUDE, prelude_args]
+    return args + ["--chdir", "/tmp", exe, "-I", "-S", "-c", _PYTHON_PRELUDE, prelude_args]
 
 
 def _within(path: str, base: str) -> bool:

@@ -281,3 +281,30 @@ def test_without_bwrap_the_runner_refuses(monkeypatch, tmp_path):
 def test_sandbox_missing_in_ci_fails_loudly():
     if os.environ.get("CI"):
         assert tools.bwrap_path() is not None, "CI must install bubblewrap (.ci/run)"
+
+
+def test_sandbox_works_from_a_venv_under_tmp(tmp_path_factory):
+    """A venv under /tmp puts the interpreter's platstdlib there; the sandbox's private /tmp must
+    not hide it. Through that venv: an OK call, and a read of a secret that lies in the host's
+    /tmp beside the venv, which the sandbox must not show."""
+    venv = tmp_path_factory.mktemp("venv")
+    assert str(venv).startswith("/tmp/")
+    subprocess.run([os.sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                   check=True, timeout=120)
+    secret = secrets.token_hex(16)
+    (venv / "secret.txt").write_text(secret)
+    spy_code = UNHOOK + f"print(open({str(venv / 'secret.txt')!r}).read())"
+    probe = (
+        "import json, random, sys\n"
+        f"sys.path.insert(0, {PROJECT_ROOT!r})\n"
+        "from tools import PythonRunner\n"
+        "r = PythonRunner('py', 'tool', 'runner', 0.0, 0.3, cpu_seconds=1, memory_mb=200, wall_seconds=5)\n"
+        "ok = r.run('print(6 * 7)', random.Random(0), 10)\n"
+        f"spy = r.run({spy_code!r}, random.Random(0), 10)\n"
+        "print(json.dumps([ok.status, ok.text, spy.status, spy.text]))\n")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                         timeout=120, cwd=str(venv))
+    assert out.returncode == 0, out.stderr[-2000:]
+    ok_status, ok_text, spy_status, spy_text = __import__("json").loads(out.stdout.splitlines()[-1])
+    assert (ok_status, ok_text) == (OK, "42"), ok_text
+    assert secret not in spy_text and spy_status == EXEC_ERR, spy_text

@@ -1,4 +1,4 @@
-"""Triton kernels of the shared-prefix attention ops; same signatures as kernels/reference.py.
+"""Triton kernels of the shared-prefix attention ops; same signatures as prefix_attn/reference.py.
 
 Design choices:
 - One kernel shape serves both attentions: a program owns BLOCK_M query rows of one

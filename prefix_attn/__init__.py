@@ -6,10 +6,15 @@
     suffix_merge_attention(q, k, v, q_start, scale, out1, lse1) -> (out, lse)
                                                   suffix part and merge fused in one pass
 
-Shapes and conventions are documented in kernels/reference.py; lse is fp32, natural log, and
+Shapes and conventions are documented in prefix_attn/reference.py; lse is fp32, natural log, and
 -inf for a row that saw no key. The Triton module is imported lazily, on the first CUDA call,
-so that importing `kernels` never imports triton on CPU (TRITON_INTERPRET must be set before
+so that importing `prefix_attn` never imports triton on CPU (TRITON_INTERPRET must be set before
 triton is imported, which is the tests' business, not ours).
+
+Why not `kernels/`: transformers (5.25 on) depends on the PyPI package `kernels`, and a top-level
+folder of that name in the working directory shadows it, so importing transformers beside this
+project failed. tests/test_layout.py checks that no top-level module of ours shadows an installed
+distribution.
 """
 from . import reference
 

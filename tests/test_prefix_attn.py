@@ -15,12 +15,12 @@ if not CUDA:
 
 TRITON_ERR = ""
 try:
-    from kernels import triton_attention as tri
+    from prefix_attn import triton_attention as tri
 except ImportError as e:  # triton missing or broken: the torch path is still tested
     tri, TRITON_ERR = None, str(e)
 
-import kernels
-from kernels import reference as ref
+import prefix_attn
+from prefix_attn import reference as ref
 
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(tri is None, reason=f"triton not importable: {TRITON_ERR}")
@@ -223,11 +223,11 @@ def test_triton_accepts_strided_views():
 
 def test_dispatch():
     s = make_scenario(prefix_lens=[5], branches=[2], suffix_lens=[2, 3], Tq=1, Hq=2, Hkv=1, D=16, device="cpu")
-    assert kernels._impl(s["q"]) is ref
-    out, _ = shared_prefix_attention(kernels, s)
+    assert prefix_attn._impl(s["q"]) is ref
+    out, _ = shared_prefix_attention(prefix_attn, s)
     torch.testing.assert_close(out, shared_prefix_attention(ref, s)[0], atol=0, rtol=0)
     if CUDA and tri is not None:
-        assert kernels._impl(s["q"].cuda()) is tri
+        assert prefix_attn._impl(s["q"].cuda()) is tri
 
 
 @needs_triton
