@@ -35,15 +35,26 @@ PANELS = [
 
 @dataclass
 class CurvesConfig:
-    runs: list[str] = cli.field([], "run folders (or metrics.jsonl files) to draw", "input")
+    runs: list[str] = cli.field([], "run folders to draw (or a checkpoint in one, its metrics.jsonl, "
+                                "runs/<stage>/latest)", "input")
     out: str = cli.field("", "PNG to write (default: curves.png in the first run's folder)", "output")
     smooth: int = cli.field(10, "moving-average window over steps for per-step rollout metrics", "output")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise cli.UsageError(f"{path}: no metrics.jsonl here (a run folder under runs/sft or runs/grpo was expected)")
+def run_folder(given: str) -> Path:
+    """The run folder behind what the user named: a run folder, its metrics.jsonl, a checkpoint
+    inside it (runs/sft/R/checkpoints/step-N), or runs/<stage>/latest (a link to a checkpoint)."""
+    path = Path(given).resolve()
+    path = path.parent if path.is_file() else path
+    for candidate in (path, *path.parents[:2]):
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    raise cli.UsageError(f"{given}: no metrics.jsonl here (a run folder under runs/sft or runs/grpo, a checkpoint "
+                         "in one, or runs/<stage>/latest was expected)")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -116,14 +127,14 @@ def main(argv=None) -> int:
     config = cli.parse_config(CurvesConfig, argv, __doc__.splitlines()[0])
     cli.check(config.runs, "--runs: give at least one run folder, e.g. --runs runs/sft/seed0")
     cli.check(config.smooth >= 1, f"--smooth must be at least 1 (got {config.smooth})")
-    runs = {Path(p).name if Path(p).is_dir() else Path(p).parent.name: read_metrics(Path(p)) for p in config.runs}
+    folders = [run_folder(p) for p in config.runs]
+    runs = {folder.name: read_metrics(folder) for folder in folders}
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("curves.py draws with matplotlib, an optional extra: `pip install matplotlib`", file=sys.stderr)
         return 2
-    first = Path(config.runs[0])
-    out = Path(config.out) if config.out else (first if first.is_dir() else first.parent) / "curves.png"
+    out = Path(config.out) if config.out else folders[0] / "curves.png"
     panels = draw(runs, out, config.smooth)
     print(f"wrote {out} ({', '.join(panels)})")
     return 0

@@ -272,14 +272,27 @@ def episode_stats(results: list[EpisodeResult], flat_groups: torch.Tensor) -> di
 
 # ---------------------------------------------------------------- the run
 
+def check_config(config) -> None:
+    train.check_config(config)
+    check = cli.check
+    for flag in ("prompts", "group", "max_new_tokens", "max_suffix_len", "updates_per_batch", "micro_batch_tokens"):
+        value = getattr(config, flag)
+        check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check(0.0 <= config.failure_rate_max <= 1.0,
+          f"--failure-rate-max is a probability, in [0, 1] (got {config.failure_rate_max})")
+    check(config.temperature > 0, f"--temperature must be positive: GRPO samples its groups (got {config.temperature})")
+
+
 def run(config) -> int:
+    check_config(config)
     cli.log_config(config)
     device = resolve_device(config.device)
     precision = train.precision_of(config.precision, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    run_path = train.run_dir(config, "grpo")
-    resume_from = train.resume_point(run_path) if config.resume else None
+    # a new run's folder is made only once its start has loaded: a bad start leaves nothing behind
+    resumed = train.run_dir(config, "grpo") if config.resume else None
+    resume_from = train.resume_point(resumed) if resumed else None
     # A resumed run keeps the start it was given (its KL reference), even if sft/latest has moved on.
     init = config.init or train.saved_init(resume_from) or latest_of(config.runs_dir, "sft") or ""
     if not init:
@@ -289,6 +302,7 @@ def run(config) -> int:
         policy = Policy.load(init, device=device, dtype=torch.float32)  # fp32 master weights (train.autocast)
     except (OSError, ValueError) as e:
         raise train.TrainingError(f"--init {init}: {e}") from None
+    run_path = resumed or train.run_dir(config, "grpo")
     model = policy.model
     train.freeze_bottom(model, config.freeze_layers)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None

@@ -11,8 +11,11 @@
 Design choices, and why:
 - Playing and scoring live in evaluation.py (shared with training); this file is the command
   line around them: flags, validation, the trace tree, the tables.
-- `--query` runs a free-text question with a checkpoint: --policy if it is a folder, else the
-  latest trained one (runs/grpo/latest, then runs/sft/latest).
+- `--query` runs a free-text question with --policy, and says which policy played. A checkpoint
+  plays anything that fits its context; with no --policy, the newest trained checkpoint
+  (runs/grpo/latest, then runs/sft/latest) plays. A scripted policy needs a subtask graph, so it
+  plays a query only in one of the built-in question forms (tasks.task_from_question), on the
+  split's reference world.
 - `--eval` without --policy (or `--table`) prints the results table. Trained rows come from
   every run folder in runs/sft and runs/grpo (its last checkpoint), or --checkpoints; runs
   whose configs differ only in seed and name are one row, with the spread over their seeds.
@@ -32,8 +35,8 @@ from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
 from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
                         unseen_pool_names)
-from tasks import SPLITS, Task, load_jsonl_tasks, task_at, task_world, world_for_split
-from tools import PoolError, load_pool, read_pool_spec
+from tasks import SPLITS, Task, load_jsonl_tasks, task_at, task_from_question, task_world, world_for_split
+from tools import PoolError, load_pool, pool_needs_sandbox, read_pool_spec
 
 
 @dataclass
@@ -41,7 +44,8 @@ class InferOptions:
     eval: bool = cli.field(False, "evaluate --policy on --n tasks of --split with --pool", "mode")
     table: bool = cli.field(False, "print the results table (as --eval without --policy)", "mode")
     trace: bool = cli.field(False, "run one generated task (--task-index) and print its trace", "mode")
-    query: str = cli.field("", "a free-text question (needs a trained checkpoint as --policy)", "mode")
+    query: str | None = cli.field(None, "a free-text question, played by --policy (default: the newest trained "
+                                  "checkpoint); a scripted policy plays the built-in question forms only", "mode")
     json: bool = cli.field(False, "print JSON instead of text", "mode")
     policy: str = cli.field("", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, random, "
                             "vote) or a checkpoint folder (default: oracle for --trace; none for --eval: the table)",
@@ -203,9 +207,10 @@ def main(argv=None) -> int:
     return run(cli.parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0]))
 
 
-def validate(config) -> list[Task] | None:
+def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
     """Refuse bad input at the start, before any work: a cli.UsageError, printed as one line.
-    Returns the --tasks dataset, read once here so that a bad row fails before anything runs."""
+    Returns the --tasks dataset, read once here so that a bad row fails before anything runs,
+    and for --query the policy that plays it with its task."""
     check = cli.check
     check(config.split in SPLITS, f"--split {config.split!r}: expected one of {', '.join(SPLITS)}")
     for flag in ("n", "batch_episodes", "max_new_tokens", "max_suffix_len"):
@@ -220,6 +225,13 @@ def validate(config) -> list[Task] | None:
         pools = [load_pool(name, world, random.Random(config.seed)) for name in names]
     except PoolError as e:
         raise cli.UsageError(f"--pool: {e}") from None
+    table_mode = config.table or (config.eval and not config.policy)
+    # a table without the sandbox would print numbers that look like the real ones
+    for pool in pools if not table_mode else [load_pool(n, world, random.Random(config.seed))
+                                              for n in ("seen", *unseen_pool_names())]:
+        for callee in pool_needs_sandbox(pool):
+            raise cli.UsageError(f"pool {pool.name}: callee {callee!r} runs Python, whose sandbox needs bubblewrap, "
+                                 "which is not installed (apt-get install bubblewrap)")
     for rate in config.failure_rates:
         check(0.0 <= rate <= 1.0, f"--failure-rates are probabilities, in [0, 1] (got {rate})")
     for path in config.checkpoints:
@@ -236,6 +248,10 @@ def validate(config) -> list[Task] | None:
             dataset = load_jsonl_tasks(config.tasks)
         except (OSError, ValueError) as e:
             raise cli.UsageError(f"--tasks: {e}") from None
+    query = None
+    if config.query is not None:
+        check(bool(config.query.strip()), "--query is empty: give the question to answer")
+        query = validate_query(config, world, pools[0])
     if not policy:
         pass    # --trace plays the oracle; --eval prints the table
     elif "/" in policy or os.sep in policy or os.path.exists(policy):
@@ -254,22 +270,52 @@ def validate(config) -> list[Task] | None:
     else:
         check(policy in SCRIPTED, f"--policy {policy!r}: not a scripted policy ({', '.join(SCRIPTED)}, "
                                   "single:<callee>) nor a checkpoint folder")
-    return dataset
+    return dataset, query
+
+
+def validate_query(config, world, pool) -> tuple[str, Task]:
+    """The policy that plays --query and its task. A checkpoint must hold the whole prompt in
+    its context (checked with its tokenizer, before any weights load); a scripted policy needs
+    one of the built-in question forms."""
+    policy = config.policy or latest_checkpoint(config.runs_dir)
+    if policy is None:
+        raise cli.UsageError("--query needs a policy: no --policy was given and no trained checkpoint was found "
+                             "(runs/grpo/latest, runs/sft/latest); train one with `python sft.py`, pass a "
+                             "checkpoint folder, or a scripted policy for a built-in question form")
+    if not os.path.isdir(policy):
+        task = task_from_question(config.query, world, "query")
+        cli.check(task is not None, f"--query with --policy {policy}: a scripted policy plays a built-in question "
+                                    "form only (it needs the subtask graph), and this query is none of them in "
+                                    f"the {config.split} reference world; pass a checkpoint as --policy")
+        return policy, task
+    cli.check(os.path.isfile(os.path.join(policy, "config.json")),
+              f"--policy {policy}: not a checkpoint folder (no config.json in it)")
+    from tokenizer import Tokenizer
+    task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
+    tokenizer = Tokenizer.load(policy)
+    prompt = len(tokenizer.encode_chat(Episode(task, pool, cli.sub_config(EnvConfig, config),
+                                               cli.sub_config(RewardConfig, config)).messages))
+    context = json.loads(open(os.path.join(policy, "config.json")).read()).get("max_position_embeddings", 0)
+    cli.check(prompt + 2 <= context, f"--query: {len(tokenizer.encode(config.query))} tokens, a prompt of {prompt} "
+                                     f"tokens with the system prompt; the model's context holds {context}")
+    return policy, task
 
 
 def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:
     episode = Episode(task, pool_for_episode(config.pool, world, config.seed, config.task_index),
                       env_config, reward_config, seed=f"{config.seed}:{config.task_index}")
+    if not config.json:
+        print(f"policy: {policy}")
     play_episodes(policy, [episode], [config.task_index], config.device, config.temperature,
                   config.max_new_tokens, config.seed, max_suffix_len=config.max_suffix_len)
-    print(json.dumps(trace_json(episode)) if config.json else "", end="\n" if config.json else "")
+    print(json.dumps(trace_json(episode) | {"policy": policy}) if config.json else "", end="\n" if config.json else "")
     if not config.json:
         print_trace(episode)
     return 0
 
 
 def run(config) -> int:
-    dataset = validate(config)
+    dataset, query = validate(config)
     cli.log_config(config)
     env_config, reward_config = cli.sub_config(EnvConfig, config), cli.sub_config(RewardConfig, config)
     if config.table or (config.eval and not config.policy):
@@ -282,19 +328,9 @@ def run(config) -> int:
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)
-    elif config.query:
-        checkpoint = config.policy if os.path.isdir(config.policy) else latest_checkpoint()
-        if checkpoint is None:
-            train_hint = "`python sft.py`" if os.path.exists(os.path.join(os.path.dirname(__file__), "sft.py")) \
-                else "the SFT stage (sft.py, not in this tree yet)"
-            print("A free-text query needs a trained checkpoint, and none was found (looked at "
-                  "--policy, runs/grpo/latest, runs/sft/latest). Train one with " + train_hint + ", or "
-                  "pass a checkpoint folder as --policy. Scripted policies need a generated task's "
-                  "subtask graph: try `python infer.py --trace --policy oracle --task-index 0`.", file=sys.stderr)
-            return 2
-        world = world_for_split(config.split)
-        task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
-        return run_episode(config, checkpoint, task, world, env_config, reward_config)
+    elif query is not None:
+        policy, task = query
+        return run_episode(config, policy, task, world_for_split(config.split), env_config, reward_config)
     else:   # --trace, also the default
         task = task_at(config.split, config.task_index, config.seed)
         return run_episode(config, config.policy or "oracle", task, task_world(task), env_config, reward_config)

@@ -41,7 +41,9 @@ Design choices, and why:
 """
 import dataclasses
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -378,7 +380,19 @@ def prepare(config, run: Path, device: str):
     return rows, tokenizer, tokenizer_dir, model
 
 
+def check_config(config) -> None:
+    train.check_config(config)
+    check = cli.check
+    for flag in ("episodes", "episodes_per_pool", "batch_tokens", "micro_batch_tokens"):
+        value = getattr(config, flag)
+        check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check(0.0 <= config.failure_rate <= 1.0, f"--failure-rate is a probability, in [0, 1] (got {config.failure_rate})")
+    check(not config.data or os.path.isfile(config.data), f"--data {config.data}: no such file")
+    check(config.init or config.preset in PRESETS, f"--preset {config.preset!r}: expected one of {', '.join(PRESETS)}")
+
+
 def run(config) -> int:
+    check_config(config)
     cli.log_config(config)
     device = resolve_device(config.device)
     precision = train.precision_of(config.precision, device)
@@ -386,7 +400,12 @@ def run(config) -> int:
     random.seed(config.seed)
     run_path = train.run_dir(config, "sft")
     t = time.time()
-    rows, tokenizer, tokenizer_dir, model = prepare(config, run_path, device)
+    try:
+        rows, tokenizer, tokenizer_dir, model = prepare(config, run_path, device)
+    except cli.UsageError:
+        if not config.resume:       # leave no half-written run behind
+            shutil.rmtree(run_path, ignore_errors=True)
+        raise
     seconds = {"data_and_tokenizer": time.time() - t, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
     t = time.time()
     examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]

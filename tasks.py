@@ -472,6 +472,49 @@ def make_tasks(split: str, n: int, seed: int = 0, world: World | None = None) ->
     return [task_at(split, i, seed, world) for i in range(n)]
 
 
+class _Replay:
+    """Stands in for random.Random while a composition draws: hands out the given values in
+    order (sample -> a list, randint -> an int), or, with no values, records each call's shape."""
+
+    def __init__(self, values=None):
+        self.values, self.calls = list(values or []), []
+
+    def sample(self, population, k):
+        self.calls.append(("sample", tuple(population), k))
+        return list(self.values.pop(0)) if self.values else list(population[:k])
+
+    def randint(self, lo, hi):
+        self.calls.append(("randint", lo, hi))
+        return self.values.pop(0) if self.values else lo
+
+
+def task_from_question(question: str, world: World, split: str = "query") -> Task | None:
+    """The generated task whose question is `question` (case and spacing aside) in `world`, or
+    None: a free-text query in one of the built-in question forms, with its subtask graph, so a
+    scripted policy can play it. Each composition is replayed with the entities and numbers the
+    question names, in every order, and kept if it writes the same question back."""
+    import itertools
+    import re
+
+    def norm(text):
+        return " ".join(text.split()).casefold()
+    target = norm(question)
+    names = {n for kind in world.entities.values() for n in kind if norm(n) in target}
+    numbers = [int(x) for x in re.findall(r"\d+", question)]
+    for composition in COMPOSITIONS:
+        probe = _Replay()
+        COMPOSITIONS[composition](_Graph(world), world, probe)
+        options = [itertools.permutations([n for n in call[1] if n in names], call[2]) if call[0] == "sample"
+                   else [x for x in numbers if call[1] <= x <= call[2]] for call in probe.calls]
+        for values in itertools.product(*options):
+            g = _Graph(world)
+            if norm(COMPOSITIONS[composition](g, world, _Replay(values))) == target:
+                depth = graph_depth(g.subtasks)
+                return Task(question, g.subtasks[-1].gold, g.subtasks, composition, len(g.subtasks), depth, depth,
+                            split, world.seed)
+    return None
+
+
 def load_jsonl_tasks(path: str, question_key: str = "question", answer_key: str = "answer") -> list[Task]:
     """Real-dataset tasks (one JSON object a line). They have no subtask graph: only real
     agents can answer them, and only success/efficiency can be scored. A bad line is a

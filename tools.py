@@ -450,6 +450,13 @@ class PythonRunner(Callee):
         return Reply(OK, text, latency, self.cost)
 
 
+def pool_needs_sandbox(pool) -> list[str]:
+    """The pool's Python runners that cannot run: no bwrap here, and no unsandboxed opt-in."""
+    if bwrap_path() is not None:
+        return []
+    return [c.name for c in pool.callees if isinstance(c, PythonRunner) and not c.allow_unsandboxed_python]
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)

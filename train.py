@@ -34,6 +34,7 @@ import cli
 from env import EnvConfig, RewardConfig
 from evaluation import evaluate, run_checkpoints
 from model import load_model, save_model
+from tasks import SPLITS
 
 
 @dataclass
@@ -90,6 +91,25 @@ def autocast(precision: str, device):
 
 class TrainingError(cli.UsageError):
     """A problem a user can fix (missing or broken checkpoint, bad flags): one clear line."""
+
+
+def check_config(config) -> None:
+    """The knobs both stages share, refused in one line before any work: no data generated, no
+    model loaded, no run folder made."""
+    check = cli.check
+    check(config.steps >= 1, f"--steps must be at least 1 (got {config.steps})")
+    for flag in ("ckpt_every", "log_every", "eval_every", "warmup_steps"):
+        value = getattr(config, flag)
+        check(value >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {value})")
+    check(config.eval_n >= 1, f"--eval-n must be at least 1 (got {config.eval_n})")
+    check(config.lr > 0, f"--lr must be positive (got {config.lr})")
+    check(config.eval_split in SPLITS, f"--eval-split {config.eval_split!r}: expected one of {', '.join(SPLITS)}")
+    check(config.freeze_layers >= 0, f"--freeze-layers must be 0 or more (got {config.freeze_layers})")
+    if config.init:
+        check(os.path.isdir(config.init), f"--init {config.init}: the folder does not exist (a checkpoint was expected)")
+        check(os.path.isfile(os.path.join(config.init, "config.json")),
+              f"--init {config.init}: not a checkpoint folder (no config.json in it)")
+    precision_of(config.precision, "cpu")
 
 
 def run_dir(config, stage: str) -> Path:

@@ -193,3 +193,110 @@ def test_the_real_command_line_prints_one_line(argv):
     done = subprocess.run([sys.executable] + argv, cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+# ---- infer.py: --query ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import model as M
+    from tokenizer import train_tokenizer
+    path = tmp_path_factory.mktemp("ck")
+    tok = train_tokenizer([f"What is the population of city {i}? It is {i * 37}." for i in range(200)], vocab_size=400)
+    tok.save(path)
+    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    M.save_model(M.init_weights(M.Transformer(config), seed=0), path, tokenizer_dir=path)
+    return path
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_empty_query(capsys, no_play, query):
+    rejected(capsys, infer.main, ["--query", query], "--query is empty")
+    rejected(capsys, infer.main, ["--query", query, "--policy", "oracle"], "--query is empty")
+
+
+def test_query_longer_than_the_context(capsys, no_play, tiny_checkpoint):
+    line = rejected(capsys, infer.main, ["--query", "x" * 10_000, "--policy", str(tiny_checkpoint)],
+                    "--query", "the model's context holds 1024")
+    assert "tokens" in line
+
+
+def test_query_with_a_scripted_policy_outside_the_question_forms(capsys, no_play):
+    rejected(capsys, infer.main, ["--query", "What is the meaning of life?", "--policy", "oracle"],
+             "--policy oracle", "built-in question form")
+
+
+def test_query_without_any_policy_is_one_line(capsys, no_play, tmp_path):
+    rejected(capsys, infer.main, ["--query", "What is 2 + 2?", "--runs-dir", str(tmp_path)], "--query needs a policy")
+
+
+def test_query_plays_the_policy_it_was_given_and_says_so(capsys, monkeypatch):
+    """The oracle plays a query in a built-in question form, even with a trained checkpoint in
+    runs/ (it used to play the newest checkpoint instead), and the trace names it."""
+    from tasks import task_at, world_for_split
+    monkeypatch.setattr(infer, "latest_checkpoint", lambda *a: pytest.fail("looked for a checkpoint"))
+    task = task_at("heldout", 4, 0, world=world_for_split("heldout"))
+    assert infer.main(["--query", task.question, "--policy", "serial-oracle"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "policy: serial-oracle"
+    assert f"answer: {task.answer!r} (correct)" in out
+
+
+# ---- sft.py and grpo.py: checked before any data, model or run folder ----------------------------
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import grpo
+    import sft
+    def tripwire(*args, **kwargs):
+        raise AssertionError("work started before the input was checked")
+    for module, name in ((sft, "generate_episodes"), (sft, "load_model"), (sft, "build_model"),
+                         (grpo, "Policy"), (grpo, "latest_of")):
+        monkeypatch.setattr(module, name, tripwire)
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.parametrize("argv,expected", [
+    (["--steps", "0"], ["--steps must be at least 1 (got 0)"]),
+    (["--steps", "-3"], ["--steps must be at least 1 (got -3)"]),
+    (["--init", "/nonexistent"], ["--init /nonexistent", "does not exist"]),
+    (["--eval-every", "-1"], ["--eval-every must be 0 or more"]),
+])
+def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
+    import grpo
+    import sft
+    main = {"sft": sft.main, "grpo": grpo.main}[stage]
+    rejected(capsys, main, argv + ["--runs-dir", str(tmp_path / "runs")], *expected)
+    assert not (tmp_path / "runs").exists(), "left a run folder behind"
+
+
+def test_sft_init_that_is_not_a_checkpoint(capsys, no_training, tmp_path):
+    import sft
+    rejected(capsys, sft.main, ["--init", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
+             "not a checkpoint folder", "config.json")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_init_that_fails_to_load_leaves_no_run(capsys, tmp_path):
+    """A folder that looks like a checkpoint but is not one fails when it loads: the run folder
+    made for it (and the data generated into it) is removed."""
+    import sft
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    rejected_slowly = sft.main(["--init", str(tmp_path / "bad"), "--episodes", "4", "--runs-dir",
+                                str(tmp_path / "runs"), "--name", "r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rejected_slowly == 2 and err[-1].startswith("error: --init"), err
+    assert not (tmp_path / "runs" / "sft" / "r").exists()
+
+
+# ---- infer.py: a pool whose Python runner has no sandbox here ------------------------------------
+
+@pytest.mark.parametrize("argv", [["--eval"], ["--eval", "--policy", "oracle", "--pool", "unseen"],
+                                  ["--eval", "--policy", "oracle", "--pool", "unseen-b"]])
+def test_no_bubblewrap_refuses_instead_of_printing_other_numbers(capsys, no_play, monkeypatch, argv):
+    import tools
+    monkeypatch.setattr(tools, "bwrap_path", lambda: None)
+    monkeypatch.setattr(tools, "_warned_no_bwrap", True)
+    rejected(capsys, infer.main, argv, "unseen-b", "'sandbox'", "apt-get install bubblewrap")

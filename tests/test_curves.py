@@ -50,3 +50,18 @@ def test_a_folder_without_metrics_is_one_line(tmp_path, capsys):
     assert curves.main(["--runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no metrics.jsonl" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_or_latest_names_its_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = _run(tmp_path, ROWS)
+    checkpoint = run / "checkpoints" / "step-000012"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    latest = run.parent / "latest"
+    latest.symlink_to(checkpoint.relative_to(run.parent))
+    for given in (checkpoint, latest):
+        assert curves.main(["--runs", str(given), "--out", str(tmp_path / "c.png")]) == 0, capsys.readouterr().err
+        assert "loss" in capsys.readouterr().out
+    assert curves.main(["--runs", str(latest)]) == 0
+    assert (run / "curves.png").is_file()

@@ -111,3 +111,30 @@ def test_trace_of_a_far_task_index_is_fast(capsys):
     start = time.perf_counter()
     assert infer.main(["--trace", "--policy", "oracle", "--task-index", "99999999"]) == 0
     assert time.perf_counter() - start < 5 and "answer:" in capsys.readouterr().out
+
+
+def test_task_from_question_recovers_every_composition():
+    """A question written by any composition, in the split's reference world, gives back that
+    task: its graph and gold (as generated), whatever its case and spacing."""
+    from tasks import COMPOSITIONS, task_at, task_from_question, world_for_split
+    world = world_for_split("heldout")
+    seen = set()
+    for i in range(3 * len(COMPOSITIONS)):
+        task = task_at("heldout", i, 0, world=world)
+        seen.add(task.composition)
+        for question in (task.question, "  " + task.question.upper().replace(" ", "   ")):
+            found = task_from_question(question, world)
+            assert found is not None, question
+            assert (found.answer, found.composition) == (task.answer, task.composition)
+            assert [(s.task, s.deps) for s in found.subtasks] == [(s.task, s.deps) for s in task.subtasks]
+    assert seen == set(COMPOSITIONS)
+
+
+def test_task_from_question_refuses_what_it_cannot_ground():
+    from tasks import task_from_question, world_for_split
+    world = world_for_split("heldout")
+    country = world.entities["country"][0]
+    assert task_from_question("What is the meaning of life?", world) is None
+    assert task_from_question("What is the capital of Atlantis?", world) is None
+    assert task_from_question(f"What is the capital of {country}? And its leader?", world) is None
+    assert task_from_question(f"What is the capital of {country}?", world).answer == world.fact("capital", country)
