@@ -22,6 +22,7 @@ the plain pass (every episode with its own copy of the prompt) against --shared-
 """
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -53,6 +54,10 @@ class BenchConfig:
     train_suffix_len: int = cli.field(300, "mean tokens of an episode after its prompt (drawn in [0.5, 1.5] x this)", "train")
     train_micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass (grpo.py --micro-batch-tokens; "
                                               "the smollm2-135m shape needs 4096 within 24 GB on CPU)", "train")
+    tokens: str = cli.field("", "instead: where an SFT episode's tokens go (system prompt and pool, question, "
+                            "state messages, learned turns), for this checkpoint's tokenizer, over --token-episodes "
+                            "oracle training episodes", "tokens")
+    token_episodes: int = cli.field(300, "oracle episodes of --tokens (sft.py's default failure rate)", "tokens")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -155,7 +160,9 @@ def validate(cfg: BenchConfig) -> None:
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
         cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
-    for flag in ("new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
+    cli.check(not cfg.tokens or os.path.isfile(os.path.join(cfg.tokens, "tokenizer.json")),
+              f"--tokens {cfg.tokens}: no tokenizer.json in it (a checkpoint folder was expected)")
+    for flag in ("token_episodes", "new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
                  "train_micro_batch_tokens"):
         cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
 
@@ -167,6 +174,8 @@ def main(argv=None):
     cli.log_config(cfg)
     torch.manual_seed(cfg.seed)
     dtype = M.default_dtype(cfg.device)
+    if cfg.tokens:
+        return bench_tokens(cfg)
     if cfg.append_lens:
         return bench_append(cfg, dtype)
     if cfg.train:
@@ -222,6 +231,32 @@ def main(argv=None):
         print(json.dumps({"machine": limits, "device": cfg.device, "rows": rows}, indent=1))
     else:
         print_table(rows, limits, cfg.device)
+    return 0
+
+
+def bench_tokens(cfg) -> int:
+    """Where the tokens of SFT's oracle episodes go. Only the assistant turns are learned; the
+    rest is context the model reads (and, in training, pays a forward and backward pass for)."""
+    from sft import SFTConfig, episode_tokens, generate_episodes
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(cfg.tokens)
+    rows = generate_episodes(cfg.token_episodes, cfg.seed, SFTConfig.failure_rate, True)
+    parts = {"system prompt and pool lines": 0, "question": 0, "state messages": 0, "assistant turns (learned)": 0}
+    for row in rows:
+        messages = row["messages"]
+        ids, mask = episode_tokens(tokenizer, messages)
+        system = len(tokenizer.encode_chat(messages[:1], add_generation_prompt=False))
+        prompt = len(tokenizer.encode_chat(messages[:2]))
+        parts["system prompt and pool lines"] += system
+        parts["question"] += prompt - system
+        parts["assistant turns (learned)"] += sum(mask)
+        parts["state messages"] += len(ids) - prompt - sum(mask)
+    total = sum(parts.values())
+    print(f"{len(rows)} oracle episodes (seed {cfg.seed}, failure rate {SFTConfig.failure_rate}), "
+          f"tokenizer of {cfg.tokens}")
+    table = [{"part of an episode": k, "tokens, mean": v / len(rows), "share": v / total} for k, v in parts.items()]
+    markdown_table(table + [{"part of an episode": "total", "tokens, mean": total / len(rows)}],
+                   [("part of an episode", "{}"), ("tokens, mean", "{:.0f}"), ("share", "{:.0%}")])
     return 0
 
 
