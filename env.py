@@ -1,7 +1,7 @@
 """The orchestration environment: protocol parsing, async execution of a turn, state feedback,
 episodes and rewards. It knows tasks and callees; it knows nothing about models or training.
 
-The protocol (DESIGN.md §6). An assistant turn is text with tags:
+The protocol. An assistant turn is text with tags:
     <think>short plan</think>                        optional, ignored by the environment
     <call id="1" to="kb">capital of Zarnia</call>    id: a new number (unique in the episode)
     <call id="2" to="kb">population of {1}</call>    {k} = the result of call k

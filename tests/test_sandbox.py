@@ -3,7 +3,7 @@
 Each attack is sent as the task of a call, and each test checks that its EFFECT did not happen:
 a canary's secret absent from the reply, a marker file absent, a listener that got nothing, a
 victim process alive, no process of the call left on the host. Most attacks first switch off
-the audit hook from inside (`UNHOOK`), as the issue found possible, so that what is tested is
+the audit hook from inside (`UNHOOK`), which is possible from the same process, so that what is tested is
 the operating system's isolation, not the hook.
 """
 import ast
