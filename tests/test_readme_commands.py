@@ -139,7 +139,8 @@ def flags_of(script: str) -> tuple[frozenset, argparse.ArgumentParser | None]:
     if path.parent == ROOT and path.stem.isidentifier():
         module = importlib.import_module(path.stem)
         main = getattr(module, "main", None)
-        if main is not None:
+        source = path.read_text()
+        if main is not None and ("parse_config" in source or "parse_args" in source or "parse_known_args" in source):
             saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
             argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = _hand_back
             try:
