@@ -15,7 +15,13 @@ Design choices, and why:
   it re-routes to the next near-exact callee (read accuracy >= 0.95) and re-sends what depended
   on the failed call in the same turn; where no near-exact callee is left it asks two callees
   and accepts only an answer they agree on, because a single weak callee trades a visible
-  failure for an invisible wrong answer (GraphPolicy's docstring has the rules).
+  failure for an invisible wrong answer (GraphPolicy's docstring has the rules). An OK answer
+  that cannot be used as a value (empty, long, a sentence, not a number where arithmetic needs
+  one: what a chat model serving as an agent may send) is treated as that callee's failure,
+  because pasting it on only moves the failure downstream, where re-sending the call repeats it.
+- Queueing: a call that would wait behind this turn's other calls to a callee with a
+  concurrency limit goes to a near-exact callee that would finish it sooner; accuracy is never
+  traded for it.
 - Baselines isolate one ingredient each: serial oracle (same routing, one call per turn),
   single callee (same decomposition, no routing), random routing, and ask-every-agent-and-vote
   (no routing, redundancy instead).
@@ -105,6 +111,10 @@ class GraphPolicy:
       wait. Two OK answers that agree settle it; a disagreement or a failed check goes to a
       tie-breaker (the best near-exact callee, even one that failed before: failures can be
       transient), whose answer stands;
+    - an OK answer that is no usable value is its callee's failure like any other, except that
+      the callee is never asked that subtask again; a call that took it as input is dropped
+      (not that callee's fault) and sent again on the new answer; when no callee is left for a
+      subtask, the policy gives up (<answer>unknown</answer>) instead of repeating calls;
     - every decision is stated in the turn's <think> line, in a few words.
     """
     think = True
@@ -154,7 +164,7 @@ class GraphPolicy:
             if any(i in tainted for i in self.inputs.get(call_id, ())):
                 tainted.add(call_id)
                 continue
-            why = self.unusable_value(sid, text) if status == "OK" else None
+            why = self.unusable_value(sid, text) if status == "OK" and self.recover else None
             if why:
                 tainted.add(call_id)
                 self.unusable.setdefault(sid, set()).add(callee)
@@ -174,7 +184,7 @@ class GraphPolicy:
     def unusable_value(self, sid: int, text: str) -> str | None:
         """Why an OK answer cannot be used as this subtask's value, or None. It will be pasted
         into another task or be the final answer, so it must be a short single value, and a
-        number where arithmetic needs one (a math result may also be yes/no)."""
+        number where arithmetic needs one (a math result may also be yes/no, or True/False)."""
         value = text.strip()
         if not value:
             return "an empty answer"
@@ -182,7 +192,8 @@ class GraphPolicy:
             return "a long answer, not a value"
         feeds_math = any(sid in s.deps and s.kind == "math" for s in self.task.subtasks)
         own_math = self.kind(sid) == "math"
-        if (feeds_math or own_math) and not (_VALUE_NUMBER.fullmatch(value) or (own_math and value in ("yes", "no"))):
+        truth = own_math and value.lower() in ("yes", "no", "true", "false")   # a comparison; Python prints True
+        if (feeds_math or own_math) and not (_VALUE_NUMBER.fullmatch(value) or truth):
             return "not a number"
         if re.search(r'[:"]|\.$', value):
             return "a sentence, not a value"

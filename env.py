@@ -24,7 +24,11 @@ that turn are not run and count as a parse error.
 Time. A round's calls form a graph; call c starts when its dependencies end:
 start(c) = max(end(d) for d in deps(c)), end(c) = start(c) + latency(c), and the round takes
 max end(c) (its critical path). Latencies are virtual for simulated callees and measured for real
-ones (tools.py). `elapsed` is the sum over rounds: the episode's critical-path latency (the
+ones (tools.py). A callee with a `concurrency` limit serves that many calls (a batch counts as
+one) at once; the rest queue, first ready first served, and start when a slot frees: on the
+virtual clock by simulation (`_Slots`), for real callees behind a semaphore. A call's latency
+is from its start (its dependencies' end) to its reply, so the wait is in it, in the critical
+path, and counts against its deadline. `elapsed` is the sum over rounds: the episode's critical-path latency (the
 policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
 Every call goes through `call_callee`, which turns a callee's exception or malformed reply into

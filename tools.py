@@ -12,6 +12,10 @@ Design choices, and why:
   of simulated calls takes well under a millisecond of real time. Callees with
   `virtual_clock = False` (Python runner, HTTP agent, the local LLM agent) take real time and
   report the measured wall time.
+- Concurrency. A callee may serve only `concurrency` calls at once (0: no limit), as a model
+  server with one slot does; the executor (env.py) queues the rest and charges the wait as
+  latency. It is printed on the callee's pool line only when there is a limit, so pools without
+  one read as before, and the training family draws it last, so every other draw is unchanged.
 - Batching. A callee with `batch = True` gets the calls that become ready at the same moment in
   one `run_batch(tasks, rngs, timeout)` call: the executor groups calls with the same start time
   that are submitted within a few event-loop ticks of each other (all calls ready at the start of
