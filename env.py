@@ -28,8 +28,8 @@ ones (tools.py). A callee with a `concurrency` limit serves that many calls (a b
 one) at once; the rest queue, first ready first served, and start when a slot frees: on the
 virtual clock by simulation (`_Slots`), for real callees behind a semaphore. A call's latency
 is from its start (its dependencies' end) to its reply, so the wait is in it, in the critical
-path, and counts against its deadline. `elapsed` is the sum over rounds: the episode's critical-path latency (the
-policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
+path, and counts against its deadline. `elapsed` is the sum over rounds: the episode's
+critical-path latency (the policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
 Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
 EXEC_ERR; real callees run in daemon threads, and the step stops waiting for one at call_timeout +
@@ -429,7 +429,7 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
         pending.append(asyncio.ensure_future(answer()))
 
     async def dispatch(callee, task: str, rng: random.Random, start: float) -> Reply:
-        slots.activity += 1
+        slots.activity += 1       # a new call: the virtual queue waits until things settle
         if config.failure_rate and rng.random() < config.failure_rate:
             if rng.random() < 0.5:
                 return Reply(EXEC_ERR, "injected failure: the callee is unavailable", callee.latency, callee.cost)
