@@ -333,7 +333,7 @@ class GraphPolicy:
                    if c.skills[skill] >= NEAR_EXACT and c.name not in self.failed.get(sid, set())]
         best = min([first] + options, key=lambda c: load.finish(c, ready))
         if best is not first:
-            self.notes.append(f"{first.name} is busy, send subtask {sid} to {best.name}")
+            self.notes.append(f"{first.name} is busy, call {self.next_id} to {best.name}")
         return best.name
 
     def plan_note(self, todo) -> str:

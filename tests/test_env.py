@@ -319,7 +319,7 @@ def test_oracle_spreads_calls_over_a_busy_callee():
              '- "tally" | tool | calculator, exact math | cost 0.0001 | latency 0.10s']
     turn = scripted_policy("oracle", task)([_system(lines), {"role": "user", "content": task.question}])
     assert [m for m in re.findall(r'to="(\w+)"', turn)] == ["kb", "kb", "sage", "tally"]
-    assert "kb is busy, send subtask 3 to sage" in turn
+    assert "kb is busy, call 3 to sage" in turn
     # without the limit everything goes to the exact kb
     lines[0] = lines[0].replace(" | concurrency 1", "")
     turn = scripted_policy("oracle", task)([_system(lines), {"role": "user", "content": task.question}])
