@@ -15,7 +15,13 @@ Design choices, and why:
   it re-routes to the next near-exact callee (read accuracy >= 0.95) and re-sends what depended
   on the failed call in the same turn; where no near-exact callee is left it asks two callees
   and accepts only an answer they agree on, because a single weak callee trades a visible
-  failure for an invisible wrong answer (GraphPolicy's docstring has the rules).
+  failure for an invisible wrong answer (GraphPolicy's docstring has the rules). An OK answer
+  that cannot be used as a value (empty, long, a sentence, not a number where arithmetic needs
+  one: what a chat model serving as an agent may send) is treated as that callee's failure,
+  because pasting it on only moves the failure downstream, where re-sending the call repeats it.
+- Queueing: a call that would wait behind this turn's other calls to a callee with a
+  concurrency limit goes to a near-exact callee that would finish it sooner; accuracy is never
+  traded for it.
 - Baselines isolate one ingredient each: serial oracle (same routing, one call per turn),
   single callee (same decomposition, no routing), random routing, and ask-every-agent-and-vote
   (no routing, redundancy instead).
@@ -37,6 +43,8 @@ SKILL_WORDS = {"lookup": ("facts", "knowledge", "trivia", "lookup"),
 LEVEL_WORDS = {"exact": 1.0, "excellent": 0.97, "strong": 0.95, "good": 0.87, "solid": 0.87,
                "fair": 0.75, "mediocre": 0.72, "weak": 0.5, "poor": 0.5}
 NEAR_EXACT = 0.95
+MAX_VALUE_CHARS = 60     # an answer pasted into another task is a name or a number, never a paragraph
+_VALUE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _RESULT = re.compile(r'<result id="([^"]*)" from="([^"]*)" status="([A-Z_]+)" latency="[^"]*">(.*?)</result>', re.S)
 
 
@@ -48,18 +56,24 @@ class CalleeInfo:
     cost: float
     latency: float
     skills: dict[str, float] = field(default_factory=dict)   # skill -> accuracy read from the text
+    concurrency: int = 0                                      # calls served at once; 0: no limit
 
 
 def read_pool(system_prompt: str) -> list[CalleeInfo]:
-    """Parse the pool lines '- "name" | kind | description | cost C | latency Ls'."""
+    """Parse the pool lines '- "name" | kind | description | cost C | latency Ls[ | concurrency N]'."""
     callees = []
     for line in system_prompt.splitlines():
         parts = line[2:].split(" | ") if line.startswith("- ") else []
-        if len(parts) != 5:
+        if len(parts) == 6 and parts[5].startswith("concurrency "):
+            concurrency = int(parts.pop().split()[-1])
+        elif len(parts) == 5:
+            concurrency = 0
+        else:
             continue
         name, kind, description, cost, latency = parts
         name = name.strip('"')
-        info = CalleeInfo(name, kind, description, float(cost.split()[-1]), float(latency.split()[-1].rstrip("s")))
+        info = CalleeInfo(name, kind, description, float(cost.split()[-1]), float(latency.split()[-1].rstrip("s")),
+                          concurrency=concurrency)
         exact = "exact" in re.findall(r"[a-z]+", description.lower())
         for clause in re.split(r"[;,]", description.lower()):
             words = re.findall(r"[a-z]+", clause)
@@ -97,6 +111,10 @@ class GraphPolicy:
       wait. Two OK answers that agree settle it; a disagreement or a failed check goes to a
       tie-breaker (the best near-exact callee, even one that failed before: failures can be
       transient), whose answer stands;
+    - an OK answer that is no usable value is its callee's failure like any other, except that
+      the callee is never asked that subtask again; a call that took it as input is dropped
+      (not that callee's fault) and sent again on the new answer; when no callee is left for a
+      subtask, the policy gives up (<answer>unknown</answer>) instead of repeating calls;
     - every decision is stated in the turn's <think> line, in a few words.
     """
     think = True
@@ -109,6 +127,8 @@ class GraphPolicy:
         self.route: dict[int, list[str]] = {}   # subtask id -> callee(s) for its next attempt
         self.failed: dict[int, set[str]] = {}   # subtask id -> callees that failed it
         self.votes: dict[int, list[tuple[str, str, str]]] = {}   # cross-checked: (call id, text, callee)
+        self.unusable: dict[int, set[str]] = {}  # subtask id -> callees whose OK answer was no usable value
+        self.inputs: dict[str, list[str]] = {}   # call id -> the call ids its {k} references name
         self.next_id = 1
         self.notes: list[str] = []
         self.callees: list[CalleeInfo] = []
@@ -130,11 +150,26 @@ class GraphPolicy:
     # -- reading the state --------------------------------------------------------------------
 
     def read_results(self, results) -> None:
+        """Results come in call order, so a call's inputs are read before it. An OK answer that
+        is no usable value (`unusable`) counts as that callee's failure, and is never chained
+        on; a call that took one as input is the input's victim, not a failure of its own
+        callee: its result is dropped and it is sent again once its input is re-asked."""
         self.notes = []
         by_subtask: dict[int, list] = {}
+        tainted: set[str] = set()
         for call_id, callee, status, text in results:
-            if call_id in self.call_of:
-                by_subtask.setdefault(self.call_of[call_id], []).append((call_id, callee, status, text))
+            sid = self.call_of.get(call_id)
+            if sid is None:
+                continue
+            if any(i in tainted for i in self.inputs.get(call_id, ())):
+                tainted.add(call_id)
+                continue
+            why = self.unusable_value(sid, text) if status == "OK" and self.recover else None
+            if why:
+                tainted.add(call_id)
+                self.unusable.setdefault(sid, set()).add(callee)
+                status, text = "UNUSABLE", why
+            by_subtask.setdefault(sid, []).append((call_id, callee, status, text))
         for sid, rows in by_subtask.items():
             if sid in self.votes:
                 self.read_check(sid, rows)
@@ -144,19 +179,41 @@ class GraphPolicy:
                 self.solve(sid, ok[0][0])
             for call_id, callee, status, text in rows:
                 if status != "OK" and not text.startswith("dependency"):   # its own failure
-                    self.on_failure(sid, status, call_id, callee)
+                    self.on_failure(sid, status, call_id, callee, text)
+
+    def unusable_value(self, sid: int, text: str) -> str | None:
+        """Why an OK answer cannot be used as this subtask's value, or None. It will be pasted
+        into another task or be the final answer, so it must be a short single value, and a
+        number where arithmetic needs one (a math result may also be yes/no, or True/False)."""
+        value = text.strip()
+        if not value:
+            return "an empty answer"
+        if len(value) > MAX_VALUE_CHARS or "\n" in value:
+            return "a long answer, not a value"
+        feeds_math = any(sid in s.deps and s.kind == "math" for s in self.task.subtasks)
+        own_math = self.kind(sid) == "math"
+        truth = own_math and value.lower() in ("yes", "no", "true", "false")   # a comparison; Python prints True
+        if (feeds_math or own_math) and not (_VALUE_NUMBER.fullmatch(value) or truth):
+            return "not a number"
+        if re.search(r'[:"]|\.$', value):
+            return "a sentence, not a value"
+        return None
 
     def solve(self, sid: int, call_id: str) -> None:
         self.solved[sid] = call_id
         self.route.pop(sid, None)
         self.votes.pop(sid, None)
 
-    def on_failure(self, sid: int, status: str, call_id: str, callee: str) -> None:
-        verb = "timed out" if status == "TIMEOUT" else "failed"
+    def on_failure(self, sid: int, status: str, call_id: str, callee: str, why: str = "") -> None:
+        verb = {"TIMEOUT": "timed out", "UNUSABLE": f"gave {why}"}.get(status, "failed")
         if not self.recover:
             return                                    # a baseline: the same routing again
         self.failed.setdefault(sid, set()).add(callee)
         ranking = self.ranking(sid)
+        if not ranking:                               # every able callee gave an unusable answer
+            self.route[sid] = []
+            self.notes.append(f"call {call_id} {verb}, no other callee for it")
+            return
         left = [c for c in ranking if c.name not in self.failed[sid]]
         exact = [c for c in left if c.skills[self.kind(sid)] >= NEAR_EXACT]
         if exact:
@@ -190,6 +247,13 @@ class GraphPolicy:
             self.solve(sid, agreed[0][0])
             return
         ranking = self.ranking(sid)
+        if not ranking and not self.votes[sid]:      # every able callee gave an unusable answer
+            self.route[sid] = []
+            self.notes.append(f"no callee left for subtask {sid}")
+            return
+        if not ranking:                              # only one usable answer is left: it stands
+            self.solve(sid, self.votes[sid][0][0])
+            return
         exact = [c for c in ranking if c.skills[skill] >= NEAR_EXACT]
         asked = {v[2] for v in self.votes[sid]} | {r[1] for r in rows}
         target = (exact or [c for c in ranking if c.name not in asked] or ranking)[0].name
@@ -207,7 +271,9 @@ class GraphPolicy:
         return self.task.subtasks[sid - 1].kind
 
     def ranking(self, sid: int) -> list[CalleeInfo]:
-        return rank_for(self.kind(sid), self.callees)
+        """Able callees for the subtask, best first, without those whose answer was unusable."""
+        unusable = self.unusable.get(sid, set())
+        return [c for c in rank_for(self.kind(sid), self.callees) if c.name not in unusable]
 
     def callee_for(self, sid: int) -> str:
         """First choice: the most accurate callee for the subtask's skill."""
@@ -218,6 +284,8 @@ class GraphPolicy:
         if sid in self.route:
             return self.route[sid]
         ranking = self.ranking(sid)
+        if not ranking and self.unusable.get(sid):
+            return []
         if self.recover and len(ranking) >= 2 and ranking[0].skills[self.kind(sid)] < NEAR_EXACT:
             # no exact callee for this skill: answer and cross-check from the start
             self.route[sid], self.votes[sid] = [ranking[0].name, ranking[1].name], []
@@ -230,6 +298,8 @@ class GraphPolicy:
 
     def write_calls(self, todo) -> list[str]:
         ids: dict[int, str] = {sid: cid for sid, cid in self.solved.items()}
+        ends: dict[int, float] = {}              # this turn's subtasks: estimated end, for queueing
+        load, info = _Load(), {c.name: c for c in self.callees}
         lines = []
         for s in todo:
             if any(d not in ids for d in s.deps):
@@ -237,14 +307,34 @@ class GraphPolicy:
             task = s.task
             for d in s.deps:
                 task = task.replace("{%d}" % d, "{%s}" % ids[d])
-            for callee in self.targets(s.id):
+            ready = max((ends.get(d, 0.0) for d in s.deps), default=0.0)
+            targets = self.targets(s.id)
+            if len(targets) == 1 and s.id not in self.votes and targets[0] in info:
+                targets = [self.spread(s.id, info[targets[0]], ready, load)]
+            for callee in targets:
                 cid = str(self.next_id)
                 self.next_id += 1
                 self.call_of[cid] = s.id
+                self.inputs[cid] = [ids[d] for d in s.deps]
                 lines.append(f'<call id="{cid}" to="{callee}">{task}</call>')
+                end = load.take(info[callee], ready) if callee in info else ready
                 if s.id not in self.votes:   # a cross-checked result is not chained on yet
-                    ids[s.id] = cid
+                    ids[s.id], ends[s.id] = cid, end
         return lines
+
+    def spread(self, sid: int, first: CalleeInfo, ready: float, load: "_Load") -> str:
+        """A call that would queue behind this turn's other calls to a callee with a concurrency
+        limit goes to the near-exact callee for its skill that would finish it first (the first
+        choice on a tie); one that would not queue, or has no near-exact alternative, stays."""
+        skill = self.kind(sid)
+        if load.finish(first, ready) <= ready + first.latency or first.skills.get(skill, 0.0) < NEAR_EXACT:
+            return first.name
+        options = [c for c in self.ranking(sid)
+                   if c.skills[skill] >= NEAR_EXACT and c.name not in self.failed.get(sid, set())]
+        best = min([first] + options, key=lambda c: load.finish(c, ready))
+        if best is not first:
+            self.notes.append(f"{first.name} is busy, call {self.next_id} to {best.name}")
+        return best.name
 
     def plan_note(self, todo) -> str:
         if self.notes:
@@ -255,6 +345,25 @@ class GraphPolicy:
         if ready == len(todo):
             return f"{parts}; all independent, send in parallel."
         return f"{parts}; {ready} can start now, the rest wait via {{k}}."
+
+
+class _Load:
+    """The oracle's estimate of one turn's queues: when each slot of a callee with a concurrency
+    limit frees, in seconds from the turn's start, given the calls written so far."""
+
+    def __init__(self):
+        self.free: dict[str, list[float]] = {}
+
+    def finish(self, c: CalleeInfo, ready: float) -> float:
+        slots = self.free.get(c.name)
+        return max(ready, min(slots)) + c.latency if slots else ready + c.latency
+
+    def take(self, c: CalleeInfo, ready: float) -> float:
+        end = self.finish(c, ready)
+        if c.concurrency:
+            slots = self.free.setdefault(c.name, [0.0] * c.concurrency)
+            slots[slots.index(min(slots))] = end
+        return end
 
 
 class ParallelOracle(GraphPolicy):

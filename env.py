@@ -24,8 +24,12 @@ that turn are not run and count as a parse error.
 Time. A round's calls form a graph; call c starts when its dependencies end:
 start(c) = max(end(d) for d in deps(c)), end(c) = start(c) + latency(c), and the round takes
 max end(c) (its critical path). Latencies are virtual for simulated callees and measured for real
-ones (tools.py). `elapsed` is the sum over rounds: the episode's critical-path latency (the
-policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
+ones (tools.py). A callee with a `concurrency` limit serves that many calls (a batch counts as
+one) at once; the rest queue, first ready first served, and start when a slot frees: on the
+virtual clock by simulation (`_Slots`), for real callees behind a semaphore. A call's latency
+is from its start (its dependencies' end) to its reply, so the wait is in it, in the critical
+path, and counts against its deadline. `elapsed` is the sum over rounds: the episode's
+critical-path latency (the policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
 Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
 EXEC_ERR; real callees run in daemon threads, and the step stops waiting for one at call_timeout +
@@ -296,6 +300,77 @@ async def _in_thread(fn, *args):
     return await future
 
 
+class _Slots:
+    """One turn's queues for virtual-clock callees with a concurrency limit (a discrete-event
+    simulation inside the event loop). A request (one call, or one batch) waits until one of
+    its callee's slots frees: it starts at max(ready, earliest free slot), first come (earliest
+    ready) first served, and its wait counts in its latency and against its deadline; one
+    still waiting at the deadline is a TIMEOUT that never started (it costs nothing). A call
+    that times out frees its slot at the deadline: the caller has given up.
+
+    Calls are dispatched in the event loop's order, not in virtual-time order (a dependent
+    written first may reach the queue before an independent call ready earlier), so the queue
+    is served only when the loop has been quiet for a few ticks: by then every call that will
+    be ready earlier is either queued or waits on a real call that started earlier, and the
+    end of that real call wakes the queue again."""
+
+    def __init__(self, loop, config: EnvConfig, busy):
+        self.loop, self.config, self.busy = loop, config, busy
+        self.waiting: list = []        # (ready, order, callee, tasks, rngs, futures)
+        self.free_at: dict = {}        # callee name -> the times its slots free, within the round
+        self.in_flight: list = []      # start times of the real calls running now
+        self.activity = 0              # bumped by every dispatch and every real call's end
+        self.arrivals = 0              # requests queued so far: equal ready times go first come, first served
+        self.pumping = False
+
+    def enqueue(self, callee, tasks, rngs, ready: float) -> list:
+        futures = [self.loop.create_future() for _ in tasks]
+        self.arrivals += 1
+        self.waiting.append((ready, self.arrivals, callee, tasks, rngs, futures))
+        self.wake()
+        return futures
+
+    def wake(self):
+        if self.waiting and not self.pumping:
+            self.pumping = True
+            self.loop.call_soon(self.pump, self.activity, 0)
+
+    def pump(self, seen, quiet):
+        if self.activity != seen or quiet < 3 or self.busy():
+            self.loop.call_soon(self.pump, self.activity, quiet + 1 if self.activity == seen else 0)
+            return
+        self.pumping = False
+        request = min(self.waiting, key=lambda r: r[:2])
+        if any(start < request[0] for start in self.in_flight):
+            return                     # that call's end may release an earlier one; it wakes us
+        self.waiting.remove(request)
+        self.serve(*request)
+        self.wake()
+
+    def serve(self, ready, _, callee, tasks, rngs, futures):
+        slots = self.free_at.setdefault(callee.name, [0.0] * callee.concurrency)
+        slot = min(range(len(slots)), key=slots.__getitem__)
+        begin = max(ready, slots[slot])
+        waited, timeout = begin - ready, self.config.call_timeout
+        if waited >= timeout:
+            replies = [Reply(TIMEOUT, "", timeout, 0.0) for _ in tasks]
+        else:
+            replies = call_callee(callee, tasks, rngs, timeout - waited)
+            slots[slot] = begin + max(min(r.latency, timeout - waited) for r in replies)
+            replies = [Reply(r.status, r.text, waited + r.latency, r.cost) for r in replies]
+        for future, reply in zip(futures, replies):
+            future.set_result(reply)
+
+    def real_started(self, start: float):
+        self.in_flight.append(start)
+        self.activity += 1
+
+    def real_ended(self, start: float):
+        self.in_flight.remove(start)
+        self.activity += 1
+        self.wake()
+
+
 async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed: str,
                    config: EnvConfig) -> list[CallResult]:
     """Run one turn's calls as a dependency graph; returns results in the turn's order."""
@@ -303,6 +378,8 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
     done: dict[str, asyncio.Future] = {}
     batches: dict = {}            # (callee name, start time) -> list of pending requests
     pending: list = []            # running batches of real callees (kept so they are awaited)
+    slots = _Slots(loop, config, busy=lambda: bool(batches))
+    limits: dict = {}             # callee name -> semaphore, for real callees with a concurrency limit
 
     def settle(key, size, quiet):
         # wait until the batch stops growing for a few loop ticks: calls that reach the same
@@ -313,15 +390,34 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
             flush(key)
 
     async def run_real(callee, tasks, rngs) -> list[Reply]:
+        # a real callee with a limit: calls past it wait here, and the wait is in their latency
+        # and deadline, as a server's own queue would be
+        limit = limits.setdefault(callee.name, asyncio.Semaphore(callee.concurrency)) if callee.concurrency else None
+        queued_at = time.perf_counter()
         try:
-            return await asyncio.wait_for(_in_thread(call_callee, callee, tasks, rngs, config.call_timeout),
-                                          config.call_timeout + BACKSTOP_GRACE)
+            if limit:
+                await asyncio.wait_for(limit.acquire(), config.call_timeout)
         except asyncio.TimeoutError:
-            return [Reply(TIMEOUT, "", config.call_timeout, callee.cost) for _ in tasks]
+            return [Reply(TIMEOUT, "", config.call_timeout, 0.0) for _ in tasks]
+        waited = time.perf_counter() - queued_at
+        left = max(0.01, config.call_timeout - waited)
+        try:
+            replies = await asyncio.wait_for(_in_thread(call_callee, callee, tasks, rngs, left),
+                                             left + BACKSTOP_GRACE)
+        except asyncio.TimeoutError:
+            replies = [Reply(TIMEOUT, "", left, callee.cost) for _ in tasks]
+        finally:
+            if limit:
+                limit.release()
+        return [Reply(r.status, r.text, waited + r.latency, r.cost) for r in replies]
 
     def flush(key):
         callee, requests = pool.get(key[0]), batches.pop(key)
         tasks, rngs = [r[0] for r in requests], [r[1] for r in requests]
+        if callee.virtual_clock and callee.concurrency:
+            for r, future in zip(requests, slots.enqueue(callee, tasks, rngs, key[1])):
+                future.add_done_callback(lambda f, out=r[2]: out.set_result(f.result()))
+            return
         if callee.virtual_clock:
             for r, reply in zip(requests, call_callee(callee, tasks, rngs, config.call_timeout)):
                 r[2].set_result(reply)
@@ -333,10 +429,20 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
         pending.append(asyncio.ensure_future(answer()))
 
     async def dispatch(callee, task: str, rng: random.Random, start: float) -> Reply:
+        slots.activity += 1       # a new call: the virtual queue waits until things settle
         if config.failure_rate and rng.random() < config.failure_rate:
             if rng.random() < 0.5:
                 return Reply(EXEC_ERR, "injected failure: the callee is unavailable", callee.latency, callee.cost)
             return Reply(TIMEOUT, "", config.call_timeout, callee.cost)
+        if callee.virtual_clock:
+            return await send(callee, task, rng, start)
+        slots.real_started(start)
+        try:
+            return await send(callee, task, rng, start)
+        finally:
+            slots.real_ended(start)
+
+    async def send(callee, task: str, rng: random.Random, start: float) -> Reply:
         if callee.batch:
             # calls to a batching callee that become ready at the same moment go in one batch
             key = (callee.name, round(start, 9))
@@ -346,6 +452,8 @@ async def _execute(items: list, pool: Pool, history: dict[str, CallResult], seed
                 loop.call_soon(settle, key, -1, 0)
             batches[key].append((task, rng, future))
             return await future
+        if callee.virtual_clock and callee.concurrency:
+            return await slots.enqueue(callee, [task], [rng], start)[0]
         if callee.virtual_clock:
             return call_callee(callee, [task], [rng], config.call_timeout)[0]
         return (await run_real(callee, [task], [rng]))[0]

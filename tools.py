@@ -12,6 +12,10 @@ Design choices, and why:
   of simulated calls takes well under a millisecond of real time. Callees with
   `virtual_clock = False` (Python runner, HTTP agent, the local LLM agent) take real time and
   report the measured wall time.
+- Concurrency. A callee may serve only `concurrency` calls at once (0: no limit), as a model
+  server with one slot does; the executor (env.py) queues the rest and charges the wait as
+  latency. It is printed on the callee's pool line only when there is a limit, so pools without
+  one read as before, and the training family draws it last, so every other draw is unchanged.
 - Batching. A callee with `batch = True` gets the calls that become ready at the same moment in
   one `run_batch(tasks, rngs, timeout)` call: the executor groups calls with the same start time
   that are submitted within a few event-loop ticks of each other (all calls ready at the start of
@@ -93,11 +97,16 @@ class Callee:
     description: str
     cost: float          # per call
     latency: float       # typical seconds per call, as advertised
+    concurrency: int = 0  # calls (a batch counts as one) served at once; the rest queue. 0: no limit
     virtual_clock: ClassVar[bool] = True
     batch: ClassVar[bool] = False
 
     def run(self, task: str, rng: random.Random, timeout: float) -> Reply:
         raise NotImplementedError
+
+    def check(self) -> str | None:
+        """A one-line warning about this callee's setup, or None; load_pool calls it once."""
+        return None
 
     def run_batch(self, tasks: list[str], rngs: list[random.Random], timeout: float) -> list[Reply]:
         return [self.run(t, r, timeout) for t, r in zip(tasks, rngs)]
@@ -106,8 +115,9 @@ class Callee:
         """One line, the same format for tools and agents. The name is quoted as it is in a
         call's to="..." attribute: a byte-level BPE gives a word other tokens after a space than
         after a quote, and a model learns to route by copying the name token for token."""
-        return (f'- "{self.name}" | {self.kind} | {self.description} | '
+        line = (f'- "{self.name}" | {self.kind} | {self.description} | '
                 f"cost {self.cost:.4f} | latency {self.latency:.2f}s")
+        return line + (f" | concurrency {self.concurrency}" if self.concurrency else "")
 
 
 # ---------------------------------------------------------------- exact solvers
@@ -521,8 +531,13 @@ class HttpAgent(Callee):
     The call's deadline bounds the whole request (connect, send, status, headers, body), not each
     socket read: a small HTTP/1.1 client sets the socket's timeout to the time left before every
     operation, so a server that drips one byte at a time cannot hold the call past its deadline,
-    and the thread running the call ends by itself. Replies are bounded (headers, body size) and
-    a malformed one raises, which the executor turns into EXEC_ERR."""
+    and the thread running the call ends by itself. At the deadline the connection is closed:
+    that is all HTTP/1.1 offers to abandon a request, and whether the server then stops
+    generating is up to the server (docs/real-agents.md); `max_tokens` bounds the work it may
+    go on with. Replies are bounded (headers, body size) and a malformed one raises, which the
+    executor turns into EXEC_ERR. A non-2xx reply's body is kept as a short printable excerpt
+    in the EXEC_ERR text (its error message when it is OpenAI-style JSON): it is often the one
+    thing a caller can act on ("maximum context length is 2048 tokens")."""
     url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
     api_key_env: str = ""            # name of the environment variable holding the key, if any
@@ -530,24 +545,28 @@ class HttpAgent(Callee):
     max_tokens: int = 256
     virtual_clock: ClassVar[bool] = False
 
+    def headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
+        return headers
+
     def run(self, task, rng, timeout):
         start = time.perf_counter()
         body = json.dumps({"model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
                            "messages": [{"role": "system", "content": self.system_prompt},
                                         {"role": "user", "content": task}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            headers["Authorization"] = "Bearer " + os.environ[self.api_key_env]
 
         def reply(status, text):
             return Reply(status, text, time.perf_counter() - start, self.cost)
         try:
-            status, reason, raw = http_post(self.url.rstrip("/") + "/chat/completions", body, headers,
-                                            time.monotonic() + max(0.01, timeout))
+            status, reason, raw = http_request("POST", self.url.rstrip("/") + "/chat/completions", body,
+                                               self.headers(), time.monotonic() + max(0.01, timeout))
         except TimeoutError:
             return reply(TIMEOUT, "")
         if status != 200:
-            return reply(EXEC_ERR, f"HTTP {status} {reason}"[:200])
+            excerpt = error_excerpt(raw)
+            return reply(EXEC_ERR, printable(f"HTTP {status} {reason}", 60) + (f": {excerpt}" if excerpt else ""))
         try:
             text = json.loads(raw.decode("utf-8", "replace"))["choices"][0]["message"]["content"]
             if not isinstance(text, str):
@@ -555,6 +574,52 @@ class HttpAgent(Callee):
         except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # deep nesting too
             return reply(EXEC_ERR, "bad JSON in the reply")
         return reply(OK, text.strip())
+
+    def check(self, timeout: float = 2.0) -> str | None:
+        """Servers answer with the model they have loaded whatever `model` says, so a typo in a
+        pool file would go unnoticed: warn when GET /models lists models and not this one. A
+        server that cannot list them (down, no such route, junk) gets no warning: its calls
+        will say what is wrong."""
+        if not self.model:
+            return None
+        try:
+            status, _, raw = http_request("GET", self.url.rstrip("/") + "/models", None, self.headers(),
+                                          time.monotonic() + timeout)
+            listed = [m["id"] for m in json.loads(raw.decode("utf-8", "replace"))["data"]] if status == 200 else []
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return None
+        listed = [m for m in listed if isinstance(m, str)]
+        if not listed or self.model in listed:
+            return None
+        return (f"http agent {self.name!r}: the server at {self.url} lists model(s) "
+                f"{printable(', '.join(listed), 200)}, not {self.model!r}; it will answer with its own model")
+
+
+ERROR_EXCERPT_CHARS = 240   # with the status line it stays under 320 characters of the state message
+
+
+def printable(text: str, limit: int) -> str:
+    """One line of at most `limit` characters: whitespace runs become a space, other
+    unprintable characters (control characters, lone surrogates) '?', a cut ends in '...'."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text[:4 * limit].split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def error_excerpt(raw: bytes, limit: int = ERROR_EXCERPT_CHARS) -> str:
+    """What an error reply's body says, short and printable: the message of an OpenAI-style
+    {"error": {"message": ...}} body (or of "error", "detail", "message" holding a string),
+    otherwise the body's text."""
+    text = raw[:1 << 16].decode("utf-8", "replace")
+    try:
+        found = json.loads(text)
+        for _ in range(3):
+            if isinstance(found, dict):
+                found = next((found[k] for k in ("error", "message", "detail") if k in found), None)
+        if isinstance(found, str) and found.strip():
+            text = found
+    except (ValueError, RecursionError):
+        pass
+    return printable(text, limit)
 
 
 MAX_REPLY_BYTES = 1 << 20
@@ -565,8 +630,9 @@ class HttpError(ValueError):
     pass
 
 
-def http_post(url: str, body: bytes, headers: dict, deadline: float) -> tuple[int, str, bytes]:
-    """POST and read the whole reply by `deadline` (time.monotonic()): (status, reason, body).
+def http_request(method: str, url: str, body: bytes | None, headers: dict, deadline: float) -> tuple[int, str, bytes]:
+    """Send one request and read the whole reply by `deadline` (time.monotonic()): (status,
+    reason, body); the connection is closed on return and on every error, the deadline included.
     Raises TimeoutError past the deadline, HttpError for a malformed or oversized reply, OSError
     for network failures. Name resolution is the one step the deadline cannot interrupt (it is
     bounded by the system resolver's own timeout); numeric addresses skip it."""
@@ -575,7 +641,8 @@ def http_post(url: str, body: bytes, headers: dict, deadline: float) -> tuple[in
         raise HttpError(f"unsupported URL {url[:80]!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}",
+    body = b"" if body is None else body
+    head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}",
             "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
     with socket.create_connection((parts.hostname, port), timeout=_left(deadline)) as raw_sock:
         sock = raw_sock
@@ -755,6 +822,10 @@ def build_callee(spec: dict, world: World | None, extra_types: dict | None = Non
         what = "; ".join(s for s in (extra and f"unknown field(s) {', '.join(map(repr, extra))}",
                                      missing and f"missing field(s) {', '.join(map(repr, missing))}") if s)
         raise PoolError(f"{who} ({type_name}): {what}; its fields: {', '.join(settable)}")
+    concurrency = spec.get("concurrency", 0)
+    if type(concurrency) is not int or concurrency < 0:
+        raise PoolError(f"{who} ({type_name}): concurrency must be a whole number >= 0 (0: no limit), "
+                        f"not {concurrency!r:.20}")
     if any(f.name == "world" for f in fields(cls)):
         spec["world"] = world
     return cls(**spec)
@@ -811,6 +882,9 @@ def load_pool(spec: dict | str, world: World | None, rng: random.Random | None =
             raise PoolError(f"callee names repeat: {sorted(names)}")
     except PoolError as e:
         raise PoolError(f"{where}: {e}") from None
+    for callee in pool.callees:
+        if (warning := callee.check()) is not None:
+            warnings.warn(f"{where}: {warning}")
     return pool
 
 
@@ -845,5 +919,13 @@ def sample_family(family: dict, rng: random.Random) -> dict:
                         "latency_sigma": agents["latency_sigma"],
                         "exec_err_rate": round(rng.uniform(*agents["exec_err_rate"]), 3),
                         "timeout_rate": round(rng.uniform(*agents["timeout_rate"]), 3)})
-    rng.shuffle(callees)
-    return {"name": family["name"], "callees": callees}
+    # concurrency (how many calls a callee serves at once) is drawn last, after the shuffle, so
+    # every other draw is the same as in a family without it
+    choices = [tool.get("concurrency", [0]) for tool in family["tools"]]
+    choices += [agents.get("concurrency", [0])] * (len(callees) - len(choices))
+    drawn = list(zip(callees, choices))
+    rng.shuffle(drawn)
+    for callee, options in drawn:
+        if options != [0]:
+            callee["concurrency"] = rng.choice(options)
+    return {"name": family["name"], "callees": [c for c, _ in drawn]}

@@ -217,3 +217,15 @@ def test_the_executor_deadline_is_a_real_backstop():
     # (its thread is a daemon and ends by itself 3 s later; well-behaved callees leave none)
     result, elapsed = _step(RealMisbehaving("bad", "tool", "x", 0.0, 0.1), "hang", call_timeout=0.5)
     assert result.status == TIMEOUT and elapsed < 0.5 + 1.0
+
+
+def test_a_hung_callee_with_one_slot_does_not_hold_the_step():
+    # the first call hangs past its deadline and holds the callee's only slot; the second waits
+    # for it, and both come back TIMEOUT by call_timeout + 1 s (the second never started: cost 0)
+    callee = RealMisbehaving("bad", "tool", "x", 0.5, 0.1, concurrency=1)
+    episode = Episode(TASK, Pool("p", [callee]), EnvConfig(call_timeout=0.5))
+    start = time.monotonic()
+    episode.step('<call id="1" to="bad">hang</call><call id="2" to="bad">hang</call>')
+    elapsed = time.monotonic() - start
+    assert [(r.status, r.cost) for r in episode.rounds[0].results] == [(TIMEOUT, 0.5), (TIMEOUT, 0.0)]
+    assert elapsed < 0.5 + 1.0

@@ -5,14 +5,16 @@ import json
 import os
 import random
 import threading
+import time
+import warnings
 
 import pytest
 
 from baselines import rank_for, read_pool
-from env import EnvConfig, call_callee, system_prompt
-from tasks import world_for_split
-from tools import (EXEC_ERR, OK, TIMEOUT, PROJECT_ROOT, CalcError, HttpAgent, PythonRunner, SimAgent,
-                   calculate, load_pool, plausible_wrong)
+from env import EnvConfig, Episode, call_callee, system_prompt
+from tasks import Subtask, Task, world_for_split
+from tools import (EXEC_ERR, OK, TIMEOUT, PROJECT_ROOT, CalcError, HttpAgent, Pool, PoolError, PythonRunner,
+                   SimAgent, calculate, load_pool, plausible_wrong)
 
 
 @pytest.mark.parametrize("expr, value", [("17*23", "391"), ("max(3, 9) - 2", "7"), ("7/2", "3.5"),
@@ -155,3 +157,150 @@ def test_pools_randomize_and_read_back():
             true_acc = lambda c: 1.0 if c.kind == "tool" else c.skills.get(skill, 0)
             assert true_acc(best) >= max(true_acc(c) for c in pool.callees
                                          if c.kind == "agent" or pool.get(c.name) is best) - 0.05
+
+
+# ---------------------------------------------------------------- a server that serves one request at a time
+
+SERVICE = 0.4       # seconds the one-at-a-time server takes per request
+CONTEXT_ERROR = ("This model's maximum context length is 2048 tokens. However, you requested 4524 tokens "
+                 "(4268 in the messages, 256 in the completion). Please reduce the length of the messages or completion.")
+
+
+class _OneAtATime(http.server.BaseHTTPRequestHandler):
+    """Like a llama.cpp server with one slot: requests wait in the listen queue."""
+    closed_after: list = []          # seconds from a "hold" request's arrival to the client closing
+
+    def _send(self, status, body: bytes, content_type="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._send(200, json.dumps({"object": "list", "data": [{"id": "smollm2-135m"}]}).encode())
+        self._send(404, b"not found", "text/plain")
+
+    def do_POST(self):
+        task = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+        if task == "hold":           # never answers; notes when the client closes the connection
+            arrived = time.monotonic()
+            self.connection.settimeout(5)
+            try:
+                if self.connection.recv(1) == b"":
+                    self.closed_after.append(time.monotonic() - arrived)
+            except OSError:
+                pass
+            return
+        if task == "too long":
+            return self._send(400, json.dumps({"error": {"message": CONTEXT_ERROR, "type": "invalid_request_error"}}).encode())
+        if task == "noise":
+            return self._send(502, b"<html>\x00\x1b[31m" + b"upstream \xff died " * 200 + b"</html>", "text/html")
+        time.sleep(SERVICE)
+        self._send(200, json.dumps({"choices": [{"message": {"content": task.upper()}}]}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def one_at_a_time():
+    srv = http.server.HTTPServer(("127.0.0.1", 0), _OneAtATime)    # not threading: one request at a time
+    srv.timeout = 0.1
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("concurrency", [0, 1])
+def test_parallel_calls_queue_on_a_one_at_a_time_server(one_at_a_time, concurrency):
+    # 0: the pool line does not know, the server's listen queue holds the second call;
+    # 1: the executor holds it. Either way: one call takes SERVICE, the other 2 * SERVICE from
+    # the same start, and the round's critical path is the second one's end
+    agent = HttpAgent("llama", "agent", "one slot", 0.01, SERVICE, url=one_at_a_time, model="m",
+                      concurrency=concurrency)
+    ep = Episode(Task("q", "A", [Subtask(1, "text", "a", "A")], "t", 1, 1, 1), Pool("p", [agent]),
+                 EnvConfig(call_timeout=5))
+    ep.step('<call id="1" to="llama">a</call><call id="2" to="llama">b</call>')
+    first, second = sorted(ep.rounds[0].results, key=lambda r: r.latency)
+    assert {first.text, second.text} == {"A", "B"} and first.start == second.start == 0
+    assert SERVICE <= first.latency < SERVICE + 0.3
+    assert 2 * SERVICE <= second.latency < 2 * SERVICE + 0.4
+    assert ep.rounds[0].elapsed == second.end == second.latency
+
+
+def test_a_timed_out_http_call_closes_its_connection(one_at_a_time):
+    _OneAtATime.closed_after.clear()
+    agent = HttpAgent("llama", "agent", "one slot", 0.01, 1.0, url=one_at_a_time)
+    assert agent.run("hold", random.Random(0), 0.5).status == TIMEOUT
+    deadline = time.monotonic() + 3
+    while not _OneAtATime.closed_after and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_OneAtATime.closed_after) == 1 and _OneAtATime.closed_after[0] < 0.5 + 0.3
+    # the server is free again: the next call is served at once
+    assert agent.run("x", random.Random(0), 5).text == "X"
+
+
+def test_http_error_bodies_are_kept_short_and_printable(one_at_a_time):
+    agent = HttpAgent("llama", "agent", "one slot", 0.01, 1.0, url=one_at_a_time)
+    r = agent.run("too long", random.Random(0), 5)
+    assert r.status == EXEC_ERR and r.text == "HTTP 400 Bad Request: " + CONTEXT_ERROR
+    r = agent.run("noise", random.Random(0), 5)
+    assert r.status == EXEC_ERR and r.text.startswith("HTTP 502 Bad Gateway: <html>??[31mupstream \ufffd died")
+    assert len(r.text) <= 320 and r.text.isprintable() and r.text.endswith("...")
+
+
+def test_pool_load_warns_about_a_model_the_server_does_not_list(one_at_a_time):
+    def load(model):
+        spec = {"name": "p", "callees": [{"type": "http", "name": "llama", "kind": "agent", "description": "x",
+                                          "cost": 0.0, "latency": 1.0, "url": one_at_a_time, "model": model}]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_pool(spec, None)
+        return [str(w.message) for w in caught]
+    assert load("smollm2-135m") == []
+    (message,) = load("smollm2-13m")
+    assert "'smollm2-135m'" not in message and "smollm2-135m" in message and "'smollm2-13m'" in message
+    assert "\n" not in message
+    # a server that cannot list its models (here: nothing listens) gets no warning
+    spec = {"name": "p", "callees": [{"type": "http", "name": "dead", "kind": "agent", "description": "x",
+                                      "cost": 0.0, "latency": 1.0, "url": "http://127.0.0.1:9/v1", "model": "m"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pool(spec, None)
+
+
+def test_concurrency_on_pool_lines_and_in_the_family():
+    world = world_for_split("train")
+    spec = {"name": "p", "callees": [
+        {"type": "calc", "name": "c", "kind": "tool", "description": "calculator", "cost": 0.0, "latency": 0.1},
+        {"type": "sim_agent", "name": "s", "kind": "agent", "description": "x", "cost": 0.0, "latency": 1.0,
+         "concurrency": 2}]}
+    pool = load_pool(spec, world)
+    lines = system_prompt(pool, EnvConfig()).splitlines()[-2:]
+    assert lines == ['- "c" | tool | calculator | cost 0.0000 | latency 0.10s',
+                     '- "s" | agent | x | cost 0.0000 | latency 1.00s | concurrency 2']
+    assert [(i.name, i.concurrency) for i in read_pool("\n".join(lines))] == [("c", 0), ("s", 2)]
+    for bad in (-1, 1.5, "2", True, None):
+        spec["callees"][1]["concurrency"] = bad
+        with pytest.raises(PoolError, match="callee 's' \\(sim_agent\\): concurrency must be a whole number"):
+            load_pool(spec, world)
+    # the family draws concurrency after everything else: without the choices, the same draw
+    family = json.load(open(os.path.join(PROJECT_ROOT, "pools", "train.json")))
+    plain = json.loads(json.dumps(family))
+    plain["agents"].pop("concurrency")
+    for tool in plain["tools"]:
+        tool.pop("concurrency", None)
+    limited = 0
+    for seed in range(40):
+        a = load_pool(family, world, random.Random(seed))
+        b = load_pool(plain, world, random.Random(seed))
+        assert [c.describe().split(" | concurrency")[0] for c in a.callees] == [c.describe() for c in b.callees]
+        assert all(c.concurrency == 0 for c in b.callees)
+        assert all(c.concurrency in family["agents"]["concurrency"] for c in a.callees if c.kind == "agent")
+        limited += sum(c.concurrency == 1 for c in a.callees if c.kind == "agent")
+    assert limited > 10
