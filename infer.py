@@ -32,7 +32,7 @@ from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
 from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
                         unseen_pool_names)
-from tasks import SPLITS, Task, load_jsonl_tasks, task_at, task_world, world_for_split
+from tasks import SPLITS, Task, load_jsonl_tasks, safe_text, task_at, task_world, world_for_split
 from tools import PoolError, load_pool, read_pool_spec
 
 
@@ -293,7 +293,7 @@ def run(config) -> int:
                   "subtask graph: try `python infer.py --trace --policy oracle --task-index 0`.", file=sys.stderr)
             return 2
         world = world_for_split(config.split)
-        task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
+        task = Task(safe_text(config.query), "", [], "query", 1, 1, 1, split="query")   # argv: bad bytes are surrogates
         return run_episode(config, checkpoint, task, world, env_config, reward_config)
     else:   # --trace, also the default
         task = task_at(config.split, config.task_index, config.seed)
