@@ -31,8 +31,8 @@ policy's own thinking time is not counted). Budgets: `max_turns` assistant turns
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
 Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
 EXEC_ERR and passes every reply's text through `tasks.safe_text` (no lone surrogate, nothing XML
-cannot carry); real callees run in daemon threads, and the step stops waiting for one at call_timeout +
-BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
+cannot carry); real callees run in daemon threads, and the step stops waiting for one at
+call_timeout + BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
 
 Rewards (every term reported on its own; weights are RewardConfig fields, hence flags):
     success     = w_success * [answer matches gold]          (numbers within answer_rel_tol,

@@ -18,7 +18,7 @@ import sft
 import train
 from env import EnvConfig, Episode
 from policy import Policy, play_batch
-from tasks import Subtask, Task, load_jsonl_tasks, make_tasks, safe_text, world_for_split
+from tasks import Subtask, Task, load_jsonl_tasks, safe_text, world_for_split
 from tokenizer import train_tokenizer
 from tools import EXEC_ERR, OK, HttpAgent, Pool, TextTool, load_pool
 
