@@ -14,9 +14,11 @@ construction. The environment answers with one state message (role "user"):
     <state round="1" elapsed="0.42" cost="0.0030">
     <result id="1" from="kb" status="OK" latency="0.21">Velora</result>
     </state>
-Statuses: OK, PARSE_ERR (the action could not be parsed; the text says why), EXEC_ERR (the callee
-failed, or a call it depends on did), TIMEOUT (past the per-call deadline). The parser never
-raises: every problem (malformed or nested tags, unknown callee, duplicate id, bad reference,
+Every body and attribute value in it is escaped by one function (`_xml`), so a state message is
+well-formed XML whatever the policy or a callee wrote. Statuses: OK, PARSE_ERR (the action could
+not be parsed; the text says why), EXEC_ERR (the callee failed, or a call it depends on did),
+TIMEOUT (past the per-call deadline). The parser never raises:
+every problem (malformed or nested tags, unknown callee, duplicate id, bad reference,
 huge input, binary junk, <state>/<result> written by the policy) becomes a PARSE_ERR result;
 non-space text outside the tags is counted. A turn holding <answer> ends the episode; calls in
 that turn are not run and count as a parse error.
@@ -32,8 +34,9 @@ path, and counts against its deadline. `elapsed` is the sum over rounds: the epi
 critical-path latency (the policy's own thinking time is not counted). Budgets: `max_turns` assistant turns, `time_budget`
 seconds of elapsed time, `call_timeout` per call; an exhausted budget ends the episode unanswered.
 Every call goes through `call_callee`, which turns a callee's exception or malformed reply into
-EXEC_ERR; real callees run in daemon threads, and the step stops waiting for one at call_timeout +
-BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
+EXEC_ERR and passes every reply's text through `tasks.safe_text` (no lone surrogate, nothing XML
+cannot carry); real callees run in daemon threads, and the step stops waiting for one at
+call_timeout + BACKSTOP_GRACE even if it overruns its own deadline (TIMEOUT).
 
 Rewards (every term reported on its own; weights are RewardConfig fields, hence flags):
     success     = w_success * [answer matches gold]          (numbers within answer_rel_tol,
@@ -62,10 +65,10 @@ import re
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cli import field as flag
-from tasks import Task
+from tasks import Task, safe_text
 from tools import EXEC_ERR, OK, TIMEOUT, Pool, Reply
 
 PARSE_ERR = "PARSE_ERR"
@@ -255,17 +258,19 @@ def validate(turn: ParsedTurn, pool: Pool, history: dict[str, CallResult], confi
 def call_callee(callee, tasks: list[str], rngs: list[random.Random], timeout: float) -> list[Reply]:
     """The one place every callee is called: one reply per task, always. An exception inside a
     callee, or a reply that is not a Reply with a known status, becomes EXEC_ERR with a short
-    reason, so no callee can crash a step; callees need no try/except of their own for that."""
+    reason, so no callee can crash a step; callees need no try/except of their own for that.
+    Every reply's text passes `safe_text` here: it is outside text (an HTTP agent's JSON may
+    hold "\\ud800", a tool may echo its task), and it enters the prompt and later calls' tasks."""
     start = time.perf_counter()
     try:
         replies = (callee.run_batch(tasks, rngs, timeout) if callee.batch
                    else [callee.run(tasks[0], rngs[0], timeout)])
         if len(replies) != len(tasks) or not all(_well_formed(r) for r in replies):
             raise TypeError(f"the callee returned {len(replies)} malformed or missing replies for {len(tasks)} calls")
-        return replies
     except Exception as e:
         latency = callee.latency if callee.virtual_clock else time.perf_counter() - start
-        return [Reply(EXEC_ERR, f"{type(e).__name__}: {e}"[:200], latency, callee.cost) for _ in tasks]
+        replies = [Reply(EXEC_ERR, f"{type(e).__name__}: {e}"[:200], latency, callee.cost) for _ in tasks]
+    return [replace(r, text=safe_text(r.text)) for r in replies]
 
 
 def _well_formed(r) -> bool:
@@ -535,15 +540,21 @@ def answers_match(prediction: str | None, gold: str, rel_tol: float = 1e-6) -> b
     return p == g
 
 
+def _xml(text: str, attribute: bool = False) -> str:
+    """The one escape for every body and attribute value of a state message, so that each
+    state message is well-formed XML even where it echoes the policy's text (an id like 1&a)."""
+    text = html.escape(safe_text(text), quote=False)
+    return text.replace('"', "&quot;") if attribute else text
+
+
 def format_state(round_no: int, elapsed: float, cost: float, results: list[CallResult],
                  errors: list[str]) -> str:
     lines = [f'<state round="{round_no}" elapsed="{elapsed:.2f}" cost="{cost:.4f}">']
     for e in errors:
-        lines.append(f'<result id="-" from="-" status="{PARSE_ERR}" latency="0.00">{html.escape(e, False)}</result>')
+        lines.append(f'<result id="-" from="-" status="{PARSE_ERR}" latency="0.00">{_xml(e)}</result>')
     for r in results:
-        text = html.escape(r.text[:2000], quote=False)
-        lines.append(f'<result id="{r.id}" from="{html.escape(r.to)}" status="{r.status}" '
-                     f'latency="{r.latency:.2f}">{text}</result>')
+        lines.append(f'<result id="{_xml(r.id, True)}" from="{_xml(r.to, True)}" status="{_xml(r.status, True)}" '
+                     f'latency="{r.latency:.2f}">{_xml(r.text[:2000])}</result>')
     lines.append("</state>")
     return "\n".join(lines)
 

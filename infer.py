@@ -35,7 +35,7 @@ from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
 from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
                         unseen_pool_names)
-from tasks import SPLITS, Task, load_jsonl_tasks, task_at, task_from_question, task_world, world_for_split
+from tasks import SPLITS, Task, load_jsonl_tasks, safe_text, task_at, task_from_question, task_world, world_for_split
 from tools import PoolError, load_pool, pool_needs_sandbox, read_pool_spec
 
 
@@ -283,7 +283,7 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
                              "(runs/grpo/latest, runs/sft/latest); train one with `python sft.py`, pass a "
                              "checkpoint folder, or a scripted policy for a built-in question form")
     if not os.path.isdir(policy):
-        task = task_from_question(config.query, world, "query")
+        task = task_from_question(safe_text(config.query), world, "query")
         cli.check(task is not None, f"--query with --policy {policy}: a scripted policy plays a built-in question "
                                     "form only (it needs the subtask graph), and this query is none of them in "
                                     f"the {config.split} reference world; pass a checkpoint as --policy")
@@ -291,12 +291,12 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
     cli.check(os.path.isfile(os.path.join(policy, "config.json")),
               f"--policy {policy}: not a checkpoint folder (no config.json in it)")
     from tokenizer import Tokenizer
-    task = Task(config.query, "", [], "query", 1, 1, 1, split="query")
+    task = Task(safe_text(config.query), "", [], "query", 1, 1, 1, split="query")   # argv: bad bytes are surrogates
     tokenizer = Tokenizer.load(policy)
     prompt = len(tokenizer.encode_chat(Episode(task, pool, cli.sub_config(EnvConfig, config),
                                                cli.sub_config(RewardConfig, config)).messages))
     context = json.loads(open(os.path.join(policy, "config.json")).read()).get("max_position_embeddings", 0)
-    cli.check(prompt + 2 <= context, f"--query: {len(tokenizer.encode(config.query))} tokens, a prompt of {prompt} "
+    cli.check(prompt + 2 <= context, f"--query: {len(tokenizer.encode(task.question))} tokens, a prompt of {prompt} "
                                      f"tokens with the system prompt; the model's context holds {context}")
     return policy, task
 

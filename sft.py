@@ -59,7 +59,7 @@ from env import EnvConfig, Episode, play
 from evaluation import resolve_device
 from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, load_model, num_parameters, preset_config
 from policy import Policy, shared_prefix_logits
-from tasks import task_at, task_world
+from tasks import safe_json, task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
 from tools import load_pool
 
@@ -138,16 +138,17 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def read_jsonl(path) -> list[dict]:
     """Trajectories: one {"messages": [...], "meta": {...}} per line. Each must open with a
-    system and a user message and then alternate assistant / user (state) messages."""
+    system and a user message and then alternate assistant / user (state) messages. Bytes that
+    are not UTF-8 and JSON escapes of lone surrogates become U+FFFD (`safe_text`)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = safe_json(json.loads(line))
                 roles = [m["role"] for m in row["messages"]]
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise train.TrainingError(f"{path}:{n}: not a trajectory ({type(e).__name__}: {e})") from None
             if roles[:2] != ["system", "user"] or len(roles) < 3 or any(
                     r != ("assistant" if k % 2 == 0 else "user") for k, r in enumerate(roles[2:])):

@@ -29,9 +29,15 @@ Design choices, and why:
   (`world_for_split`) for free-text queries and for tests that want many tasks in one world.
 - Tasks are index-addressable (`task_at`): task i of a split is built from its own seed, so
   asking for task 10**8 costs one task, and a list of tasks is a prefix of a longer one.
+- Text from outside (a query, a callee's reply, a JSONL, trajectory or pool file) passes
+  `safe_text` once, where it enters: the tokenizer refuses a string holding a lone surrogate
+  (what the JSON escape \\ud800 and an invalid byte in argv become in Python), and a state
+  message must stay well-formed XML. It lives here, the lowest module every edge imports.
 """
+import itertools
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -493,9 +499,6 @@ def task_from_question(question: str, world: World, split: str = "query") -> Tas
     None: a free-text query in one of the built-in question forms, with its subtask graph, so a
     scripted policy can play it. Each composition is replayed with the entities and numbers the
     question names, in every order, and kept if it writes the same question back."""
-    import itertools
-    import re
-
     def norm(text):
         return " ".join(text.split()).casefold()
     target = norm(question)
@@ -515,19 +518,52 @@ def task_from_question(question: str, world: World, split: str = "query") -> Tas
     return None
 
 
+# ---- text from outside ----
+
+# Code points XML 1.0 cannot carry: C0 controls other than tab, newline and carriage return,
+# and the non-characters U+FFFE and U+FFFF. Lone surrogates are handled before this.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def safe_text(text: str) -> str:
+    """`text` safe to enter a prompt and a state message: every lone surrogate (a JSON escape
+    like \\ud800, a byte that was not UTF-8 in argv) and every code point XML cannot carry
+    becomes U+FFFD, as a decoder with errors="replace" does; a surrogate pair becomes the
+    character it encodes. Everything else is left as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # the UTF-16 round trip joins pairs and replaces lone halves
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return _NOT_XML.sub("\ufffd", text)
+
+
+def safe_json(value):
+    """A parsed JSON value with `safe_text` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list):
+        return [safe_json(v) for v in value]
+    if isinstance(value, dict):
+        return {safe_text(k): safe_json(v) for k, v in value.items()}
+    return value
+
+
 def load_jsonl_tasks(path: str, question_key: str = "question", answer_key: str = "answer") -> list[Task]:
     """Real-dataset tasks (one JSON object a line). They have no subtask graph: only real
     agents can answer them, and only success/efficiency can be scored. A bad line is a
-    ValueError naming the file and line."""
+    ValueError naming the file and line. Bytes that are not UTF-8 and JSON escapes of lone
+    surrogates become U+FFFD (`safe_text`)."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = safe_json(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(row, dict) or question_key not in row or answer_key not in row:
                 raise ValueError(f"{path}:{number}: expected an object with {question_key!r} and {answer_key!r}")
             tasks.append(Task(str(row[question_key]), str(row[answer_key]), [], "jsonl", 1, 1, 1, split=path))

@@ -76,7 +76,7 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
-from tasks import KINDS, World, text_op_result
+from tasks import KINDS, World, safe_json, text_op_result
 
 OK, EXEC_ERR, TIMEOUT = "OK", "EXEC_ERR", "TIMEOUT"
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -848,9 +848,11 @@ def read_pool_spec(name_or_path: str) -> dict:
             raise PoolError(f"unknown pool {name_or_path!r}; pools: {', '.join(pool_names())}, or a pool JSON file")
     try:
         with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+            spec = safe_json(json.load(f))     # its names and descriptions enter the prompt
     except json.JSONDecodeError as e:
         raise PoolError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise PoolError(f"{path}: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PoolError(f"{path}: cannot read it: {e}") from None
     if not isinstance(spec, dict):

@@ -1,5 +1,6 @@
 """The protocol parser against malformed and adversarial text: it must never raise."""
 import random
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -72,15 +73,26 @@ def test_validation_errors_become_parse_err_results():
     assert "no earlier call" in errors[5]
 
 
+TEXT_TOOL = next(c.name for c in _episode().pool.callees if type(c).__name__ == "TextTool")
 JUNK_PIECES = ['<call id="1" to="kb">', "</call>", "<answer>", "</answer>", "<think>", "</think>",
                "<state>", '<result id="1">', "{1}", "{999999}", "{", "}", "<", ">", '"', "id=", "\x00",
                "\udcff", "\n", " ", "é", "<<call", "population of X", '<call id="2" to="nobody">',
-               '<call id="007" to="a" to="b">', "<call/>", "<answer x='1'>"]
+               '<call id="007" to="a" to="b">', "<call/>", "<answer x='1'>", "&", "&amp;", "\ud9b8", "\x0b",
+               "\ufffe", '<call id="1&a" to="kb">', f'<call id="3" to="{TEXT_TOOL}">first 3 letters of ',
+               f'<call id="4" to="{TEXT_TOOL}">reverse ']
+
+
+def _state_is_xml(ep):
+    """The last state message is well-formed XML and holds nothing the tokenizer refuses."""
+    if ep.rounds:
+        state = ep.rounds[-1].state
+        state.encode("utf-8")                 # strict: a lone surrogate would raise here
+        assert ET.fromstring(state).tag == "state"
 
 
 def _mutations(rng: random.Random, n: int):
     base = ['<think>p</think><call id="1" to="kb">capital of X</call><call id="2" to="kb">population of {1}</call>',
-            "<answer>42</answer>"]
+            "<answer>42</answer>", f'<call id="5" to="{TEXT_TOOL}">first 3 letters of \u01c01\ud9b8x&y</call>']
     for _ in range(n):
         kind = rng.random()
         if kind < 0.3:
@@ -103,16 +115,21 @@ def _mutations(rng: random.Random, n: int):
 
 
 def test_fuzz_parser_and_episode_never_raise():
-    """Plain seeded fuzzing (no extra package): 3,000 random and mutated turns."""
+    """Plain seeded fuzzing (no extra package): 3,000 random and mutated turns; every state
+    message parses as XML."""
     rng = random.Random(0)
     ep = _episode()
+    states = 0
     for text in _mutations(rng, 3000):
         turn = parse_turn(text)
         assert isinstance(turn.errors, list)
         if ep.done:
             ep = _episode()
+        rounds = len(ep.rounds)
         ep.step(text)      # the whole step: parse, validate, execute, format state
-    assert ep.result() is not None
+        _state_is_xml(ep)
+        states += len(ep.rounds) > rounds
+    assert ep.result() is not None and states > 1000
 
 
 def test_hypothesis_parser_never_raises():
@@ -128,5 +145,6 @@ def test_hypothesis_parser_never_raises():
         parse_turn(s)
         ep = _episode()
         ep.step(s)
+        _state_is_xml(ep)
         ep.result()
     check()
