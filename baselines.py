@@ -45,7 +45,8 @@ LEVEL_WORDS = {"exact": 1.0, "excellent": 0.97, "strong": 0.95, "good": 0.87, "s
 NEAR_EXACT = 0.95
 MAX_VALUE_CHARS = 60     # an answer pasted into another task is a name or a number, never a paragraph
 _VALUE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
-_RESULT = re.compile(r'<result id="([^"]*)" from="([^"]*)" status="([A-Z_]+)" latency="[^"]*">(.*?)</result>', re.S)
+_RESULT = re.compile(r'<result id="([^"]*)" status="([A-Z_]+)" latency="[^"]*">(.*?)</result>', re.S)
+_CALL = re.compile(r'<call id="([^"]*)" to="([^"]*)">')
 
 
 @dataclass
@@ -60,7 +61,8 @@ class CalleeInfo:
 
 
 def read_pool(system_prompt: str) -> list[CalleeInfo]:
-    """Parse the pool lines '- "name" | kind | description | cost C | latency Ls[ | concurrency N]'."""
+    """Parse the pool lines '- "name" | kind | description | C | Ls[ | concurrency N]' (the cost
+    and latency may carry their column's word: 'cost C', 'latency Ls')."""
     callees = []
     for line in system_prompt.splitlines():
         parts = line[2:].split(" | ") if line.startswith("- ") else []
@@ -92,10 +94,13 @@ def rank_for(skill: str, callees: list[CalleeInfo]) -> list[CalleeInfo]:
 
 
 def last_state(messages: list[dict]) -> list[tuple[str, str, str, str]]:
-    """(id, callee, status, text) of every result in the latest state message."""
+    """(id, callee, status, text) of every result in the latest state message. A result names
+    its call by id only; the callee is the one the policy's own last turn sent that call to."""
     if len(messages) < 3 or messages[-1]["role"] != "user":
         return []
-    return [(i, f, s, html.unescape(t)) for i, f, s, t in _RESULT.findall(messages[-1]["content"])]
+    sent = dict(_CALL.findall(messages[-2]["content"])) if messages[-2]["role"] == "assistant" else {}
+    return [(i, html.unescape(sent.get(i, "-")), s, html.unescape(t))
+            for i, s, t in _RESULT.findall(messages[-1]["content"])]
 
 
 class GraphPolicy:

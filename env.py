@@ -12,7 +12,7 @@ may name an earlier call of the same turn (a dependency edge) or any call of an 
 later call, to itself or to an unknown id is a PARSE_ERR, so a turn's graph is acyclic by
 construction. The environment answers with one state message (role "user"):
     <state round="1" elapsed="0.42" cost="0.0030">
-    <result id="1" from="kb" status="OK" latency="0.21">Velora</result>
+    <result id="1" status="OK" latency="0.21">Velora</result>
     </state>
 Every body and attribute value in it is escaped by one function (`_xml`), so a state message is
 well-formed XML whatever the policy or a callee wrote. Statuses: OK, PARSE_ERR (the action could
@@ -549,11 +549,13 @@ def _xml(text: str, attribute: bool = False) -> str:
 
 def format_state(round_no: int, elapsed: float, cost: float, results: list[CallResult],
                  errors: list[str]) -> str:
+    """No `from` attribute: the call's id names it, and its callee is in the policy's own turn
+    (a token diet: about 5 tokens a result)."""
     lines = [f'<state round="{round_no}" elapsed="{elapsed:.2f}" cost="{cost:.4f}">']
     for e in errors:
-        lines.append(f'<result id="-" from="-" status="{PARSE_ERR}" latency="0.00">{_xml(e)}</result>')
+        lines.append(f'<result id="-" status="{PARSE_ERR}" latency="0.00">{_xml(e)}</result>')
     for r in results:
-        lines.append(f'<result id="{_xml(r.id, True)}" from="{_xml(r.to, True)}" status="{_xml(r.status, True)}" '
+        lines.append(f'<result id="{_xml(r.id, True)}" status="{_xml(r.status, True)}" '
                      f'latency="{r.latency:.2f}">{_xml(r.text[:2000])}</result>')
     lines.append("</state>")
     return "\n".join(lines)
@@ -561,14 +563,12 @@ def format_state(round_no: int, elapsed: float, cost: float, results: list[CallR
 
 def system_prompt(pool: Pool, config: EnvConfig) -> str:
     """Kept short on purpose: a small model reads it every turn, and every token of it costs
-    training and decoding time. The pool lines carry what changes between episodes."""
+    training and decoding time. The pool lines carry what changes between episodes; the
+    instructions name each tag once (constrained decoding, protocol_mask.py, enforces the rest)."""
     return (
-        "Orchestrate: delegate the question's subtasks to the pool; never solve them yourself.\n"
-        "Turn: <think>plan</think> (optional), then calls or the answer.\n"
-        '<call id="1" to="NAME">task</call>: new id per call; {k} = result of call k (waits for it); '
-        "other calls run in parallel.\n"
-        "<answer>final answer</answer> ends the episode ({k} allowed). Nothing outside tags.\n"
-        "Results come in <state>: OK, PARSE_ERR, EXEC_ERR or TIMEOUT; re-route failed calls.\n"
+        "Delegate the question's subtasks to the pool; never solve them yourself. A turn: <think>plan</think> "
+        '(optional), then <call id="1" to="NAME">task</call> with a new id per call ({k} = call k\'s result; '
+        "other calls run in parallel), or <answer>final answer</answer> ({k} allowed). Re-route failed calls.\n"
         f"Budget: {config.max_turns} turns, {config.time_budget:g} s. "
         "Pool (name | kind | description | cost | latency):\n" + pool.describe())
 

@@ -115,8 +115,7 @@ class Callee:
         """One line, the same format for tools and agents. The name is quoted as it is in a
         call's to="..." attribute: a byte-level BPE gives a word other tokens after a space than
         after a quote, and a model learns to route by copying the name token for token."""
-        line = (f'- "{self.name}" | {self.kind} | {self.description} | '
-                f"cost {self.cost:.4f} | latency {self.latency:.2f}s")
+        line = f'- "{self.name}" | {self.kind} | {self.description} | {self.cost:.4f} | {self.latency:.2f}s'
         return line + (f" | concurrency {self.concurrency}" if self.concurrency else "")
 
 

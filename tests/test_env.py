@@ -244,7 +244,7 @@ PROSE_POOL = ['- "chatty" | agent | assistant; knowledge: exact | cost 0.0010 | 
 
 
 def _state(*results) -> dict:
-    rows = "\n".join(f'<result id="{i}" from="{f}" status="{s}" latency="0.50">{t}</result>' for i, f, s, t in results)
+    rows = "\n".join(f'<result id="{i}" status="{s}" latency="0.50">{t}</result>' for i, _, s, t in results)
     return {"role": "user", "content": f'<state round="1" elapsed="0.60" cost="0.0021">\n{rows}\n</state>'}
 
 

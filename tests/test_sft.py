@@ -29,7 +29,7 @@ CONVERSATION = [
     {"role": "user", "content": "What is the capital of Velora?"},
     {"role": "assistant", "content": '<call id="1" to="kb">capital of Velora</call>'},
     {"role": "user", "content": '<state round="1" elapsed="0.30" cost="0.0005">\n'
-                                '<result id="1" from="kb" status="OK" latency="0.30">Zarn</result>\n</state>'},
+                                '<result id="1" status="OK" latency="0.30">Zarn</result>\n</state>'},
     {"role": "assistant", "content": "<answer>Zarn</answer>"},
 ]
 
@@ -122,7 +122,7 @@ TASK = Task("What is 2 times the population of the capital of Velora?", "200",
 
 
 def _state(*results):
-    rows = "".join(f'\n<result id="{i}" from="{f}" status="{s}" latency="0.10">{t}</result>' for i, f, s, t in results)
+    rows = "".join(f'\n<result id="{i}" status="{s}" latency="0.10">{t}</result>' for i, _, s, t in results)
     return {"role": "user", "content": f'<state round="1" elapsed="0.10" cost="0.0010">{rows}\n</state>'}
 
 

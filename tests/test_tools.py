@@ -282,8 +282,8 @@ def test_concurrency_on_pool_lines_and_in_the_family():
          "concurrency": 2}]}
     pool = load_pool(spec, world)
     lines = system_prompt(pool, EnvConfig()).splitlines()[-2:]
-    assert lines == ['- "c" | tool | calculator | cost 0.0000 | latency 0.10s',
-                     '- "s" | agent | x | cost 0.0000 | latency 1.00s | concurrency 2']
+    assert lines == ['- "c" | tool | calculator | 0.0000 | 0.10s',
+                     '- "s" | agent | x | 0.0000 | 1.00s | concurrency 2']
     assert [(i.name, i.concurrency) for i in read_pool("\n".join(lines))] == [("c", 0), ("s", 2)]
     for bad in (-1, 1.5, "2", True, None):
         spec["callees"][1]["concurrency"] = bad
