@@ -47,6 +47,8 @@ class TrainConfig:
     runs_dir: str = cli.field("runs", "where runs are written", "run")
     precision: str = cli.field("auto", "fp32, or bf16-mixed (fp32 weights and AdamW state, bf16 autocast in the "
                                "training passes); auto: bf16-mixed on CUDA, fp32 on CPU", "run")
+    dist_timeout: float = cli.field(1800.0, "under torchrun: seconds a rank waits for the others before it stops "
+                                    "(longer than rank 0's data generation and periodic evaluation)", "run")
     lr: float = cli.field(3e-3, "peak learning rate", "optimizer")
     min_lr_frac: float = cli.field(0.1, "final learning rate as a fraction of --lr (cosine decay)", "optimizer")
     warmup_steps: int = cli.field(30, "linear warm-up steps", "optimizer")
@@ -281,21 +283,26 @@ def resume_point(run: Path) -> Path | None:
 # ---------------------------------------------------------------- metrics and progress
 
 class Metrics:
-    """metrics.jsonl (one object per call) and a one-line progress report on stderr."""
+    """metrics.jsonl (one object per call) and a one-line progress report on stderr; both
+    nothing when write is False (a rank other than 0 under torchrun)."""
 
-    def __init__(self, run: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, run: Path, total_steps: int, start_step: int = 0, write: bool = True):
         self.path = run / "metrics.jsonl"
-        self.total, self.start_step, self.start_time = total_steps, start_step, time.time()
-        if self.path.is_file():   # a resumed run: drop the rows of steps it will redo
+        self.total, self.start_step, self.start_time, self.write = total_steps, start_step, time.time(), write
+        if write and self.path.is_file():   # a resumed run: drop the rows of steps it will redo
             rows = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
             self.path.write_text("".join(r + "\n" for r in rows))
 
     def log(self, row: dict) -> None:
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def progress(self, step: int, **values) -> None:
+        if not self.write:
+            return
         done = step - self.start_step
         elapsed = time.time() - self.start_time
         eta = elapsed / max(1, done) * (self.total - step)
