@@ -166,11 +166,11 @@ def world_size_from_env() -> int:
 def launch(device: str, timeout: float):
     """The World this process belongs to: World(0, 1) without torchrun, else a process group
     (nccl on CUDA, gloo otherwise) whose collectives give up after `timeout` seconds."""
+    cli.check(timeout > 0, f"--dist-timeout {timeout}: must be > 0 seconds")
     size = world_size_from_env()
     if size == 1:
         yield World()
         return
-    cli.check(timeout > 0, f"--dist-timeout {timeout}: must be > 0 seconds")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.device(device).type == "cuda"
     cli.check(not cuda or torch.device(device).index is None,
