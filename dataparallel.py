@@ -83,6 +83,10 @@ class World:
         if self.size == 1:
             return
         params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            return
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+        self._collective("sum of gradients", torch.distributed.all_reduce, reached)
         for p in params:
             if p.grad is None:   # no micro-batch of this rank reached it: it contributes zero
                 p.grad = torch.zeros_like(p)
@@ -98,6 +102,9 @@ class World:
             for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(piece.view_as(g))
             start = end
+        for p, n in zip(params, reached.tolist()):
+            if n == 0:   # no rank reached it: no gradient, as in one process (AdamW leaves it alone)
+                p.grad = None
 
     def first(self, fn):
         """fn() run on rank 0 only; its result, or the UsageError it raised, on every rank."""
@@ -192,7 +199,9 @@ def launch(device: str, timeout: float):
     world = World(rank, size)
     try:
         yield world
-        world._broadcast(None)   # the last rank to finish its run: nobody tears the group down under another
+        # every rank waits for the last to finish its run, so none tears the group down while
+        # another still exchanges (a broadcast's source may return before its data is read)
+        world._collective("final barrier", torch.distributed.barrier)
         torch.distributed.destroy_process_group()
     finally:
         signal.signal(signal.SIGTERM, previous)

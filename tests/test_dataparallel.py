@@ -166,6 +166,7 @@ def _replay(record: Path, call: int, start: Path, config, resume: bool) -> tuple
     """The recorded rollouts of both ranks' train_on call number `call`, trained in one process
     from `start` (a checkpoint; with its optimizer state when resume)."""
     model = M.load_model(start, dtype=torch.float32)
+    train.freeze_bottom(model, config.freeze_layers)
     optimizer = train.make_optimizer(model, config)
     if resume:
         train.load_training_state(start, model, optimizer)
@@ -179,7 +180,8 @@ def test_grpo_on_two_ranks_equals_one_process_on_their_rollouts_and_resumes(tmp_
     flags = ["--init", tiny_init, "--runs-dir", tmp_path, "--name", "g", "--prompts", "4", "--group", "4",
              "--max-new-tokens", "24", "--max-turns", "2", "--eval-every", "0", "--eval-n", "0",
              "--ckpt-every", "1", "--lr", "0.01", "--warmup-steps", "1", "--seed", "3",
-             "--no-drop-zero-variance"]   # a step trains even when every group is flat (step 2 here)
+             "--no-drop-zero-variance",   # a step trains even when every group is flat (step 2 here)
+             "--freeze-layers", "1"]      # only some parameters train, as with adapters
     record = tmp_path / "record"
     out = subprocess.run(_torchrun(ROOT / "tests" / "record_grpo.py", record, *flags, "--steps", "1"),
                          env=ENV, capture_output=True, text=True, timeout=300)
@@ -230,6 +232,53 @@ def test_plain_python_never_touches_torch_distributed(tmp_path, monkeypatch):
     flags[flags.index("--steps") + 1] = "2"
     assert sft.main(["--runs-dir", str(tmp_path), "--name", "plain", *flags]) == 0
     assert len(_rows(tmp_path / "sft" / "plain")[-1]["ranks"]) == 1
+
+
+def _two_ranks(rank: int, store: str) -> None:
+    """World's collectives on rank `rank` of 2 (gloo), each checked against a reference
+    computed here in plain torch; run by test_world_collectives_on_two_ranks."""
+    import datetime
+    import torch.nn.functional as F
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=120))
+    world = dataparallel.World(rank, 2)
+    torch.manual_seed(0)
+    a, b, c, d = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 5), torch.nn.Linear(5, 1)
+    model = torch.nn.ModuleList([a, b, c, d])
+    b.requires_grad_(False)                  # frozen: never summed
+    xs = [torch.randn(2, 3), torch.randn(6, 3)]
+
+    def loss(x, params, with_c):             # rank 1's micro-batch does not reach c; none reaches d
+        h = F.linear(F.linear(x, params[0], params[1]), b.weight, b.bias)
+        return (h ** 2).sum() + (F.linear(h, params[2], params[3]).sum() if with_c else 0)
+    ref = [t.detach().clone().requires_grad_() for t in (a.weight, a.bias, c.weight, c.bias)]
+    ref_grads = torch.autograd.grad(loss(xs[0], ref, True) + loss(xs[1], ref, False), ref)
+    loss(xs[rank], [a.weight, a.bias, c.weight, c.bias], rank == 0).backward()
+    world.sum_grads(model, bucket=5)         # several buckets
+    for p, g in zip((a.weight, a.bias, c.weight, c.bias), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in [*b.parameters(), *d.parameters()])
+    assert world.sum(1, 2.5) == [2.0, 5.0] and world.gather(rank * 10) == [0, 10]
+    assert world.shard(range(5)) == [[0, 2, 4], [1, 3]][rank]
+    assert world.first(lambda: f"from rank {rank}") == "from rank 0"
+
+    def refuse():
+        raise cli.UsageError("bad flag")
+    with pytest.raises(cli.UsageError, match="bad flag"):   # rank 0's error, raised on both
+        world.first(refuse)
+    with pytest.raises(cli.UsageError, match="bad flag"):   # raised before rank 1 runs it
+        world.main_first(refuse if rank == 0 else lambda: pytest.fail("rank 1 ran after rank 0 failed"))
+    world.check_same(model, 3)
+    with torch.no_grad():
+        a.bias[0] += rank
+    with pytest.raises(cli.UsageError, match="do not start from the same state"):
+        world.check_same(model, 3)
+    torch.distributed.destroy_process_group()
+
+
+def test_world_collectives_on_two_ranks(tmp_path):
+    import torch.multiprocessing
+    torch.multiprocessing.spawn(_two_ranks, args=(str(tmp_path / "store"),), nprocs=2)
 
 
 def test_single_world_is_the_identity():
