@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import cli
+import dataparallel
 import rl_loss
 import train
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, group_rewards
@@ -98,15 +99,16 @@ class Rollout:
     advantage: float = 0.0
 
 
-def rollout_step(policy: Policy, config, step: int, generator) -> tuple[list[EpisodeResult], list[Rollout], dict]:
-    """--prompts x --group episodes played on one engine: their scored results (group rewards
-    included), token streams and timing."""
+def rollout_step(policy: Policy, config, step: int, generator,
+                 world=dataparallel.World()) -> tuple[list[EpisodeResult], list[Rollout], dict]:
+    """This rank's share of the --prompts (whole groups) x --group episodes, played on one
+    engine: their scored results (group rewards included), token streams and timing."""
     env = cli.sub_config(EnvConfig, config)
     if config.serial_only:
         env.max_calls_per_turn = 1
     reward_config = cli.sub_config(RewardConfig, config)
     episodes = []
-    for p in range(config.prompts):
+    for p in world.shard(range(config.prompts)):
         index = step * config.prompts + p
         task = task_at("train", index, 1000 + config.seed)   # tasks SFT (seed 0..) did not use
         rng = random.Random(f"grpo:{config.seed}:{index}")
@@ -223,10 +225,12 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
 
 
-def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device) -> dict:
+def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device,
+             world=dataparallel.World()) -> dict:
     """One optimizer step on the rollouts (gradient accumulated over micro-batches): each
-    episode in full, or (--shared-prefix-train) each group's prompt once (shared_passes)."""
-    total_tokens = sum(sum(r.mask) for r in rollouts)
+    episode in full, or (--shared-prefix-train) each group's prompt once (shared_passes).
+    Under torchrun, `rollouts` are this rank's; the loss is normalized by the whole batch's."""
+    total_tokens, episodes = map(int, world.sum(sum(sum(r.mask) for r in rollouts), len(rollouts)))
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
     passes = shared_passes if config.shared_prefix_train else plain_passes
@@ -244,7 +248,7 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
                     logp_ref, _ = logprobs(reference)
             loss, stats = rl_loss.grpo_loss(logp, logp_old, adv, mask, config.clip_low, config.clip_high,
                                             config.kl_coef, logp_ref, config.aggregation, config.norm_tokens,
-                                            total_tokens=total_tokens, episodes=len(rollouts))
+                                            total_tokens=total_tokens, episodes=episodes)
             loss.backward()
             n = mask.sum().item()
             for k in ("clip_fraction", "kl", "ratio"):
@@ -252,9 +256,24 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
             sums["entropy"] += (entropy * mask).sum().item()
             sums["loss"] += loss.item()
             trained_tokens += tokens
+    sums = dict(zip(sums, world.sum(*sums.values())))
+    trained_tokens = int(world.sum(trained_tokens)[0])
+    world.sum_grads(model)
     grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
     out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}
+
+
+def all_ranks(world, results: list[EpisodeResult], flat: torch.Tensor, rstats: dict):
+    """Every rank's episodes, zero-variance flags and rollout timing, for rank 0's metrics row
+    (the ranks play at the same time: the rollout took the slowest rank's seconds)."""
+    if world.size == 1:
+        return results, flat, rstats
+    shares = world.gather((results, flat.tolist(), rstats))
+    generated, seconds = sum(s["generated_tokens"] for *_, s in shares), max(s["rollout_seconds"] for *_, s in shares)
+    return ([r for res, _, _ in shares for r in res], torch.tensor([f for _, fl, _ in shares for f in fl]),
+            {"rollout_seconds": seconds, "generated_tokens": generated,
+             "rollout_tokens_per_s": generated / max(seconds, 1e-9)})
 
 
 def episode_stats(results: list[EpisodeResult], flat_groups: torch.Tensor) -> dict:
@@ -283,15 +302,17 @@ def check_config(config) -> None:
     check(config.temperature > 0, f"--temperature must be positive: GRPO samples its groups (got {config.temperature})")
 
 
-def run(config) -> int:
+def run(config, world=dataparallel.World()) -> int:
     check_config(config)
     cli.log_config(config)
+    cli.check(config.prompts % world.size == 0, f"--prompts {config.prompts} on {world.size} ranks: each rank plays "
+              "whole groups, so --prompts must be a multiple of the number of ranks")
     device = resolve_device(config.device)
     precision = train.precision_of(config.precision, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     # a new run's folder is made only once its start has loaded: a bad start leaves nothing behind
-    resumed = train.run_dir(config, "grpo") if config.resume else None
+    resumed = world.first(lambda: train.run_dir(config, "grpo")) if config.resume else None
     resume_from = train.resume_point(resumed) if resumed else None
     # A resumed run keeps the start it was given (its KL reference), even if sft/latest has moved on.
     init = config.init or train.saved_init(resume_from) or latest_of(config.runs_dir, "sft") or ""
@@ -302,27 +323,34 @@ def run(config) -> int:
         policy = Policy.load(init, device=device, dtype=torch.float32)  # fp32 master weights (train.autocast)
     except (OSError, ValueError) as e:
         raise train.TrainingError(f"--init {init}: {e}") from None
-    run_path = resumed or train.run_dir(config, "grpo")
+    run_path = resumed or world.first(lambda: train.run_dir(config, "grpo"))
     model = policy.model
     train.freeze_bottom(model, config.freeze_layers)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
     optimizer = train.make_optimizer(model, config)
-    generator = torch.Generator(device).manual_seed(config.seed)
+    generator = torch.Generator(device).manual_seed(config.seed + 1_000_003 * world.rank)  # each rank its own
     step = 0
     if resume_from is not None:
         state = train.load_training_state(resume_from, model, optimizer)
         step = state["step"]
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        generators = state.get("generators", [state["generator"]])
+        if len(generators) == world.size:
+            generator.set_state(torch.tensor(generators[world.rank], dtype=torch.uint8))
+        else:   # a valid continuation, not the rollouts an uninterrupted run would have played
+            generator.manual_seed(config.seed + 1_000_003 * world.rank + step)
+            print(f"resume: the run sampled on {len(generators)} rank(s), this one on {world.size}: "
+                  f"sampling re-seeded", file=sys.stderr)
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    world.check_same(model, step)
     print(f"grpo: {init} -> {run_path} ({device}, {precision})", file=sys.stderr)
-    metrics = train.Metrics(run_path, config.steps, step)
+    metrics = train.Metrics(run_path, config.steps, step, write=world.main)
     path = resume_from
     while step < config.steps:
         t0 = time.time()
         model.eval()
-        results, rollouts, rstats = rollout_step(policy, config, step, generator)
+        results, rollouts, rstats = rollout_step(policy, config, step, generator, world)
         model.train()
-        rewards = torch.tensor([r.reward for r in rollouts]).view(config.prompts, config.group)
+        rewards = torch.tensor([r.reward for r in rollouts]).view(-1, config.group)   # this rank's groups
         advantages = rl_loss.group_advantages(rewards, config.std_normalize).flatten().tolist()
         for r, a in zip(rollouts, advantages):
             r.advantage = a
@@ -332,14 +360,16 @@ def run(config) -> int:
         t1 = time.time()
         lr = train.lr_at(step, config.steps, config)
         tstats = {}
-        for _ in range(config.updates_per_batch if keep else 0):
-            tstats = train_on(model, reference, optimizer, keep, config, lr, device)
+        trained, = world.sum(len(keep))
+        for _ in range(config.updates_per_batch if trained else 0):
+            tstats = train_on(model, reference, optimizer, keep, config, lr, device, world)
         train_seconds = time.time() - t1
         step += 1
+        results, flat, rstats = all_ranks(world, results, flat, rstats)
         row = {"step": step, "lr": lr, **episode_stats(results, flat), **rstats, **tstats,
-               "train_seconds": train_seconds, "trained_episodes": len(keep),
+               "train_seconds": train_seconds, "trained_episodes": int(trained),
                "train_tokens_per_s": tstats.get("train_tokens", 0) * config.updates_per_batch / max(train_seconds, 1e-9)}
-        if train.due(step, config.eval_every, config.steps):
+        if world.main and train.due(step, config.eval_every, config.steps):
             row |= train.periodic_eval(policy, config, step)
         row["step_seconds"] = time.time() - t0
         metrics.log(row)
@@ -348,17 +378,22 @@ def run(config) -> int:
                              zero_var=row["zero_variance_groups"], kl=row.get("kl", 0.0),
                              rollout_s=round(rstats["rollout_seconds"], 1), train_s=round(train_seconds, 1))
         if train.due(step, config.ckpt_every, config.steps):
-            path = train.save_checkpoint(run_path, step, model, init, optimizer,
-                                         {"generator": generator.get_state().tolist(), "init": init})
-    train.set_latest(run_path, path)
-    print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
+            generators = world.gather(generator.get_state().tolist())
+            if world.main:
+                path = train.save_checkpoint(run_path, step, model, init, optimizer,
+                                             {"generator": generators[0], "generators": generators, "init": init})
+    if world.main:
+        train.set_latest(run_path, path)
+        print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
     return 0
 
 
 @cli.entry_point
 def main(argv=None) -> int:
     config = cli.parse_config(GRPOConfig, argv, description=__doc__.split("\n\n")[0])
-    return run(train.resumed_config(config, "grpo", cli.explicit_fields(GRPOConfig, argv)))
+    config = train.resumed_config(config, "grpo", cli.explicit_fields(GRPOConfig, argv))
+    with dataparallel.launch(resolve_device(config.device), config.dist_timeout) as world:
+        return run(config, world)
 
 
 if __name__ == "__main__":

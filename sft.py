@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import dataparallel
 import train
 from baselines import scripted_policy
 from env import EnvConfig, Episode, play
@@ -392,19 +393,19 @@ def check_config(config) -> None:
     check(config.init or config.preset in PRESETS, f"--preset {config.preset!r}: expected one of {', '.join(PRESETS)}")
 
 
-def run(config) -> int:
+def run(config, world=dataparallel.World()) -> int:
     check_config(config)
     cli.log_config(config)
     device = resolve_device(config.device)
     precision = train.precision_of(config.precision, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    run_path = train.run_dir(config, "sft")
+    run_path = world.first(lambda: train.run_dir(config, "sft"))
     t = time.time()
     try:
-        rows, tokenizer, tokenizer_dir, model = prepare(config, run_path, device)
+        rows, tokenizer, tokenizer_dir, model = world.main_first(lambda: prepare(config, run_path, device))
     except cli.UsageError:
-        if not config.resume:       # leave no half-written run behind
+        if not config.resume and world.rank == 0:       # leave no half-written run behind
             shutil.rmtree(run_path, ignore_errors=True)
         raise
     seconds = {"data_and_tokenizer": time.time() - t, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
@@ -423,12 +424,13 @@ def run(config) -> int:
         state = train.load_training_state(resume_from, model, optimizer)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    world.check_same(model, step)
     drill = []
     if resume_from is None and config.copy_warmup_steps:
         t = time.time()
         drill = copy_warmup(model, tokenizer, optimizer, config, device)
         seconds["copy_warmup"] = time.time() - t
-    metrics = train.Metrics(run_path, config.steps, step)
+    metrics = train.Metrics(run_path, config.steps, step, write=world.main)
     if drill:
         metrics.log({"copy_warmup_steps": len(drill), "copy_warmup_loss": drill})
     if config.shared_prefix:
@@ -456,12 +458,13 @@ def run(config) -> int:
     # tokens: the episodes' full length (what tok/s reports); computed: what the passes ran on
     # without padding (the prompt once per micro-batch when shared); padded: with padding
     window = {"loss": 0.0, "tokens": 0, "computed": 0, "padded": 0, "learned": 0, "time": 0.0}
+    share = {"micro_batches": 0, "tokens": 0}   # this rank's part of the run
     while step < config.steps:
         t0 = time.time()
         micro = stream.next_step()
         n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
         loss_sum = 0.0
-        for batch in micro:
+        for batch in world.shard(micro):
             with train.autocast(config.precision, device):
                 if config.shared_prefix:
                     p = prefix_of[batch[0]]
@@ -476,6 +479,10 @@ def run(config) -> int:
             loss_sum += loss.item()
             window["padded"] += stream.size(batch)
             window["tokens"] += sum(lengths[i] for i in batch)
+            share["micro_batches"] += 1
+            share["tokens"] += sum(lengths[i] for i in batch)
+        loss_sum, = world.sum(loss_sum)
+        world.sum_grads(model)
         lr = train.lr_at(step, config.steps, config)
         grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
         step += 1
@@ -486,32 +493,38 @@ def run(config) -> int:
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "epoch": stream.epoch,
                "step_seconds": time.time() - t0}
         if train.due(step, config.log_every, config.steps):
+            window |= dict(zip(("tokens", "computed", "padded"),
+                               world.sum(window["tokens"], window["computed"], window["padded"])))
             tok_s = window["tokens"] / max(window["time"], 1e-9)
             pad = 1 - window["computed"] / max(window["padded"], 1)
             row |= {"train_tokens_per_s": tok_s, "pad_fraction": pad}
             metrics.progress(step, loss=window["loss"] / window["learned"], lr=lr, tok_s=round(tok_s),
                              pad=round(pad, 3), epoch=stream.epoch)
             window = dict.fromkeys(window, 0) | {"loss": 0.0, "time": 0.0}
-        if train.due(step, config.eval_every, config.steps):
+        if world.main and train.due(step, config.eval_every, config.steps):
             row |= train.periodic_eval(policy, config, step)
-            seconds["eval"] += row["eval_seconds"]
+            seconds["eval"] += row.get("eval_seconds", 0.0)
         metrics.log(row)
-        if train.due(step, config.ckpt_every, config.steps):
+        if world.main and train.due(step, config.ckpt_every, config.steps):
             t1 = time.time()
             path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
                                          {"epoch": stream.epoch, "position": stream.position})
             seconds["checkpoint"] += time.time() - t1
-    train.set_latest(run_path, path)
-    metrics.log({"step": step, "seconds": seconds})
+    shares = world.gather(share)
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), file=sys.stderr)
-    print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
+    if world.main:
+        train.set_latest(run_path, path)
+        metrics.log({"step": step, "seconds": seconds, "ranks": shares})
+        print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)
     return 0
 
 
 @cli.entry_point
 def main(argv=None) -> int:
     config = cli.parse_config(SFTConfig, argv, description=__doc__.split("\n\n")[0])
-    return run(train.resumed_config(config, "sft", cli.explicit_fields(SFTConfig, argv)))
+    config = train.resumed_config(config, "sft", cli.explicit_fields(SFTConfig, argv))
+    with dataparallel.launch(resolve_device(config.device), config.dist_timeout) as world:
+        return run(config, world)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ class TrainConfig:
     runs_dir: str = cli.field("runs", "where runs are written", "run")
     precision: str = cli.field("auto", "fp32, or bf16-mixed (fp32 weights and AdamW state, bf16 autocast in the "
                                "training passes); auto: bf16-mixed on CUDA, fp32 on CPU", "run")
+    dist_timeout: float = cli.field(1800.0, "under torchrun: seconds a rank waits for the others before it stops "
+                                    "(longer than rank 0's data generation and periodic evaluation)", "run")
     lr: float = cli.field(3e-3, "peak learning rate", "optimizer")
     min_lr_frac: float = cli.field(0.1, "final learning rate as a fraction of --lr (cosine decay)", "optimizer")
     warmup_steps: int = cli.field(30, "linear warm-up steps", "optimizer")
@@ -57,7 +59,7 @@ class TrainConfig:
     ckpt_every: int = cli.field(100, "save a resumable checkpoint every N steps (0 = only at the end)", "run")
     log_every: int = cli.field(10, "print the progress line every N steps (0 = only at the end)", "run")
     eval_every: int = cli.field(200, "greedy held-out evaluation every N steps (0 = only at the end)", "eval")
-    eval_n: int = cli.field(64, "tasks per periodic evaluation", "eval")
+    eval_n: int = cli.field(64, "tasks per periodic evaluation (0: no evaluation)", "eval")
     eval_split: str = cli.field("heldout", "split of the periodic evaluation", "eval")
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
     eval_seed: int = cli.field(0, "seed of the periodic evaluation's tasks and pool draws (not --seed: runs of "
@@ -101,7 +103,7 @@ def check_config(config) -> None:
     for flag in ("ckpt_every", "log_every", "eval_every", "warmup_steps"):
         value = getattr(config, flag)
         check(value >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {value})")
-    check(config.eval_n >= 1, f"--eval-n must be at least 1 (got {config.eval_n})")
+    check(config.eval_n >= 0, f"--eval-n must be 0 (no evaluation) or more (got {config.eval_n})")
     check(config.lr > 0, f"--lr must be positive (got {config.lr})")
     check(config.eval_split in SPLITS, f"--eval-split {config.eval_split!r}: expected one of {', '.join(SPLITS)}")
     check(config.freeze_layers >= 0, f"--freeze-layers must be 0 or more (got {config.freeze_layers})")
@@ -301,21 +303,26 @@ def resume_point(run: Path) -> Path | None:
 # ---------------------------------------------------------------- metrics and progress
 
 class Metrics:
-    """metrics.jsonl (one object per call) and a one-line progress report on stderr."""
+    """metrics.jsonl (one object per call) and a one-line progress report on stderr; both
+    nothing when write is False (a rank other than 0 under torchrun)."""
 
-    def __init__(self, run: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, run: Path, total_steps: int, start_step: int = 0, write: bool = True):
         self.path = run / "metrics.jsonl"
-        self.total, self.start_step, self.start_time = total_steps, start_step, time.time()
-        if self.path.is_file():   # a resumed run: drop the rows of steps it will redo
+        self.total, self.start_step, self.start_time, self.write = total_steps, start_step, time.time(), write
+        if write and self.path.is_file():   # a resumed run: drop the rows of steps it will redo
             rows = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
             self.path.write_text("".join(r + "\n" for r in rows))
 
     def log(self, row: dict) -> None:
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def progress(self, step: int, **values) -> None:
+        if not self.write:
+            return
         done = step - self.start_step
         elapsed = time.time() - self.start_time
         eta = elapsed / max(1, done) * (self.total - step)
@@ -348,7 +355,9 @@ def due(step: int, every: int, last: int) -> bool:
 
 def periodic_eval(policy, config, step: int) -> dict:
     """The held-out evaluation both stages log: `eval_*` metrics for the step's row, and one
-    line on stderr."""
+    line on stderr. Nothing with --eval-n 0."""
+    if config.eval_n == 0:
+        return {}
     start = time.time()
     s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.eval_seed)
     row = {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
