@@ -175,7 +175,8 @@ def _init_checkpoint(tmp_path) -> Path:
     tok = train_tokenizer([Tokenizer.render_turns(r["messages"]) for r in rows], vocab_size=400)
     path = tmp_path / "init"
     tok.save(path)
-    config = M.preset_config("tiny", vocab_size=tok.vocab_size)
+    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     M.save_model(M.init_weights(M.Transformer(config), seed=0), path, tokenizer_dir=path)
     return path
 
@@ -217,7 +218,7 @@ def _sft(runs, name, init, *extra):
     return [sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(runs), "--name", name, "--init", str(init),
             "--lora-rank", "4", "--lora-alpha", "8", "--lora-layers", "1", "2", "3", "--lr", "3e-3",
             "--episodes", "30", "--steps", "12", "--batch-tokens", "1200", "--micro-batch-tokens", "1200",
-            "--ckpt-every", "4", "--log-every", "4", "--eval-every", "0", "--eval-n", "2", "--warmup-steps", "2",
+            "--ckpt-every", "4", "--log-every", "4", "--eval-every", "0", "--eval-n", "0", "--warmup-steps", "2",
             *extra]
 
 
@@ -266,7 +267,7 @@ def test_lora_sft_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, init_
     # first), KL to that start with the adapter off; the result plays as a policy
     grpo = [sys.executable, str(ROOT / "grpo.py"), "--runs-dir", str(tmp_path), "--name", "g", "--init", str(final),
             "--lora-rank", "2", "--kl-coef", "0.05", "--prompts", "1", "--group", "3", "--max-new-tokens", "16",
-            "--max-turns", "2", "--eval-every", "0", "--eval-n", "1", "--steps", "1"]
+            "--max-turns", "2", "--eval-every", "0", "--eval-n", "0", "--steps", "1"]
     out = subprocess.run(grpo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     grpo_ckpt = tmp_path / "grpo" / "g" / "checkpoints" / "step-000001"
