@@ -113,7 +113,10 @@ class Adapter(nn.Module):
     def _hook(self, a: nn.Linear, b: nn.Linear):
         def add_delta(module, args, output):
             if self.mode == "on":
-                return output + self.spec.scale * F.linear(F.linear(args[0], a.weight), b.weight)
+                # one fused multiply-add over the layer's output: output + scale * (x A^T) B^T
+                low = F.linear(args[0], a.weight).reshape(-1, a.out_features)
+                return torch.addmm(output.reshape(-1, b.out_features), low, b.weight.t(),
+                                   alpha=self.spec.scale).view(output.shape)
         return add_delta
 
     def remove(self) -> None:

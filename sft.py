@@ -291,7 +291,7 @@ def copy_drill_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def copy_warmup(model, tokenizer: Tokenizer, optimizer, config, device: str, rows: int = 24,
-                length: int = 128) -> list[float]:
+                length: int = 128, trainable=None) -> list[float]:
     """Run the copy drill for --copy-warmup-steps (linear warm-up to --copy-warmup-lr, then
     constant); returns the losses. Every skill SFT asks of the model is a copy from context
     (names from the question, callee names from the pool, numbers from the results): the drill
@@ -308,7 +308,7 @@ def copy_warmup(model, tokenizer: Tokenizer, optimizer, config, device: str, row
         loss = copy_drill_loss(model, ids.to(device), mask.to(device))
         loss.backward()
         lr = config.copy_warmup_lr * min(1.0, (step + 1) / config.warmup_steps)
-        train.optimizer_step(model, optimizer, lr, config.grad_clip)
+        train.optimizer_step(trainable or model, optimizer, lr, config.grad_clip)
         losses.append(loss.item())
         if train.due(step + 1, config.log_every, config.copy_warmup_steps):
             print(f"copy warm-up {step + 1}/{config.copy_warmup_steps}: loss {losses[-1]:.3f}", file=sys.stderr)
@@ -414,7 +414,7 @@ def run(config) -> int:
     drill = []
     if resume_from is None and config.copy_warmup_steps:
         t = time.time()
-        drill = copy_warmup(model, tokenizer, optimizer, config, device)
+        drill = copy_warmup(model, tokenizer, optimizer, config, device, trainable=trainable)
         seconds["copy_warmup"] = time.time() - t
     metrics = train.Metrics(run_path, config.steps, step)
     if drill:

@@ -156,6 +156,8 @@ def test_trace_mode_checks_too(capsys, no_play):
     (["--prefix-lens", "256", "-1"], ["--prefix-lens"]),
     (["--new-tokens", "0"], ["--new-tokens"]),
     (["--append-lens", "5", "0"], ["--append-lens"]),
+    (["--sft", "--sft-settings", "lora-16", "lora-99"], ["--sft-settings lora-99", "freeze-20"]),
+    (["--sft", "--sft-batch-tokens", "0"], ["--sft-batch-tokens"]),
 ])
 def test_bench_bad_cases(capsys, monkeypatch, argv, expected):
     monkeypatch.setattr(bench, "machine_limits", lambda *a: pytest.fail("measured the machine first"))

@@ -276,3 +276,17 @@ def test_lora_sft_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, init_
     from policy import Policy
     policy = Policy.load(grpo_ckpt)
     assert lora.root_base(grpo_ckpt) == init_checkpoint.resolve() and policy.tokenizer.vocab_size > 0
+
+
+def test_sft_benchmark_times_every_setting_on_the_same_batches(capsys, monkeypatch, init_checkpoint):
+    import bench
+    monkeypatch.setattr(bench, "SFT_SETTINGS", {"freeze-2": dict(freeze_layers=2),
+                                                "lora-4": dict(lora_rank=4, lora_alpha=8.0)})
+    rc = bench.main(["--sft", "--sft-init", str(init_checkpoint), "--sft-settings", "freeze-2", "lora-4",
+                     "--sft-episodes", "6", "--sft-batch-tokens", "1500", "--repeats", "1", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["setting"] for r in rows] == ["freeze-2", "lora-4"]
+    assert rows[0]["learned_tokens"] == rows[1]["learned_tokens"] > 0
+    assert rows[0]["x_baseline"] == 1.0
+    assert rows[1]["x_baseline"] == rows[1]["learned_tok_s"] / rows[0]["learned_tok_s"]
