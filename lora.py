@@ -66,12 +66,13 @@ def check_spec(spec: LoraSpec, num_layers: int) -> None:
     if not spec.alpha > 0:
         raise ValueError(f"--lora-alpha {spec.alpha}: must be positive")
     unknown = [t for t in spec.targets if t not in TARGETS]
-    if unknown or not spec.targets:
-        raise ValueError(f"--lora-targets {' '.join(spec.targets) or '(none)'}: choose among {', '.join(TARGETS)}")
+    if unknown or not spec.targets or len(set(spec.targets)) < len(spec.targets):
+        raise ValueError(f"--lora-targets {' '.join(spec.targets) or '(none)'}: choose among {', '.join(TARGETS)}, "
+                         "each once")
     bad = [i for i in spec.layers or () if not 0 <= i < num_layers]
-    if bad or spec.layers == ():
+    if bad or spec.layers == () or len(set(spec.layers or ())) < len(spec.layers or ()):
         raise ValueError(f"--lora-layers {' '.join(map(str, spec.layers or ())) or '(none)'}: the model has layers "
-                         f"0..{num_layers - 1}")
+                         f"0..{num_layers - 1} (each once)")
 
 
 def _child(root: nn.Module, path: str) -> nn.Module:

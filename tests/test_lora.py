@@ -190,6 +190,7 @@ def init_checkpoint(tmp_path_factory):
     (["--lora-rank", "4"], "needs a pretrained base"),
     (["--lora-rank", "4", "--init", "INIT", "--lora-targets", "q_proj", "qproj"], "choose among"),
     (["--lora-rank", "4", "--init", "INIT", "--lora-layers", "0", "4"], "layers 0..3"),
+    (["--lora-rank", "4", "--init", "INIT", "--lora-layers", "1", "1"], "each once"),
     (["--lora-rank", "4", "--init", "INIT", "--freeze-layers", "2"], "--lora-layers"),
     (["--lora-rank", "-1", "--init", "INIT"], "must be 0 (off) or more"),
     (["--lora-rank", "4", "--lora-alpha", "0", "--init", "INIT"], "--lora-alpha"),
@@ -283,7 +284,7 @@ def test_sft_benchmark_times_every_setting_on_the_same_batches(capsys, monkeypat
     monkeypatch.setattr(bench, "SFT_SETTINGS", {"freeze-2": dict(freeze_layers=2),
                                                 "lora-4": dict(lora_rank=4, lora_alpha=8.0)})
     rc = bench.main(["--sft", "--sft-init", str(init_checkpoint), "--sft-settings", "freeze-2", "lora-4",
-                     "--sft-episodes", "6", "--sft-batch-tokens", "1500", "--repeats", "1", "--json"])
+                     "--sft-episodes", "3", "--sft-batch-tokens", "1500", "--repeats", "1", "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["setting"] for r in rows] == ["freeze-2", "lora-4"]
