@@ -19,6 +19,12 @@ the plain pass (every episode with its own copy of the prompt) against --shared-
 (the prompt once per group), interleaved in one run:
 
     python bench.py --train --presets tiny smollm2-135m --branches 4 8 16
+
+`--sft` times an SFT step (forward + backward + AdamW, sft.py's loss and batching) of the
+converted SmolLM2-135M on oracle episodes, in LEARNED tokens per second (the assistant tokens
+the loss covers), under each setting of SFT_SETTINGS (sft.py flags), interleaved in one run:
+
+    python bench.py --sft                       today's recipe (--freeze-layers 20) against LoRA
 """
 import dataclasses
 import json
@@ -58,6 +64,15 @@ class BenchConfig:
                             "state messages, learned turns), for this checkpoint's tokenizer, over --token-episodes "
                             "oracle training episodes", "tokens")
     token_episodes: int = cli.field(300, "oracle episodes of --tokens (sft.py's default failure rate)", "tokens")
+    sft: bool = cli.field(False, "instead: time an SFT step of --sft-init under each of --sft-settings, in "
+                          "learned tokens per second", "sft")
+    sft_init: str = cli.field("checkpoints/smollm2-135m-instruct", "the checkpoint the SFT settings start from", "sft")
+    sft_settings: list[str] = cli.field(["freeze-20", "lora-16", "lora-16-top-10"], "which settings (SFT_SETTINGS)",
+                                        "sft")
+    sft_episodes: int = cli.field(48, "oracle episodes the steps are cut from", "sft")
+    sft_steps: int = cli.field(1, "optimizer steps per timed repeat (the same batches for every setting)", "sft")
+    sft_batch_tokens: int = cli.field(4096, "tokens per optimizer step and per pass (sft.py --batch-tokens and "
+                                      "--micro-batch-tokens of the recipe)", "sft")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -162,8 +177,11 @@ def validate(cfg: BenchConfig) -> None:
         cli.check(values and min(values) >= 1, f"--{flag.replace('_', '-')} must be sizes of at least 1 (got {values})")
     cli.check(not cfg.tokens or os.path.isfile(os.path.join(cfg.tokens, "tokenizer.json")),
               f"--tokens {cfg.tokens}: no tokenizer.json in it (a checkpoint folder was expected)")
+    unknown = [s for s in cfg.sft_settings if s not in SFT_SETTINGS]
+    cli.check(bool(cfg.sft_settings) and not unknown,
+              f"--sft-settings {' '.join(unknown or ['(none)'])}: expected some of {', '.join(SFT_SETTINGS)}")
     for flag in ("token_episodes", "new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
-                 "train_micro_batch_tokens"):
+                 "train_micro_batch_tokens", "sft_episodes", "sft_steps", "sft_batch_tokens"):
         cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
 
 
@@ -180,6 +198,8 @@ def main(argv=None):
         return bench_append(cfg, dtype)
     if cfg.train:
         return bench_train(cfg, torch.float32)  # training's weights are fp32 (train.autocast), on CUDA too
+    if cfg.sft:
+        return bench_sft(cfg)
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
@@ -396,6 +416,106 @@ def bench_train(cfg, dtype) -> int:
     markdown_table(rows, [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"),
                           ("mode", "{}"), ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"),
                           ("peak_mb", "{:.0f}"), ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")])
+    return 0
+
+
+# SFT settings: sft.py flags over its defaults. The first is the baseline of the ratios.
+SFT_SETTINGS = {
+    "freeze-20": dict(freeze_layers=20),                        # today's recipe: the top 10 of 30 layers trained
+    "lora-16": dict(lora_rank=16, lora_alpha=32.0),             # an adapter on every linear of every layer
+    "lora-16-top-10": dict(lora_rank=16, lora_alpha=32.0, lora_layers=list(range(20, 30))),
+}
+
+
+def sft_setting(cfg, name: str):
+    """(config, model, adapter, optimizer, step batches, examples) of one setting, on its own copy
+    of the model (adapters hook into the model they adapt)."""
+    import sft
+    import train
+    import lora
+    from tokenizer import Tokenizer
+    config = sft.SFTConfig(init=cfg.sft_init, device=cfg.device, batch_tokens=cfg.sft_batch_tokens,
+                           micro_batch_tokens=cfg.sft_batch_tokens, episodes=cfg.sft_episodes, seed=cfg.seed,
+                           **SFT_SETTINGS[name])
+    train.check_lora(config, config.init)
+    model = lora.load_any(config.init, device=cfg.device, dtype=torch.float32).train()
+    tokenizer = Tokenizer.load(lora.tokenizer_folder(config.init))
+    adapter = train.add_adapter(model, config, config.init)
+    if adapter is None:
+        train.freeze_bottom(model, config.freeze_layers)
+    optimizer = train.make_optimizer(adapter or model, config)
+    rows = sft.generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool,
+                                 config.episodes_per_pool)
+    examples = [sft.episode_tokens(tokenizer, r["messages"]) for r in rows]
+    lengths = [len(ids) for ids, _ in examples]
+    stream = sft.Stream(lambda e: sft.bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
+                        lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens)
+    steps = [stream.next_step() for _ in range(cfg.sft_steps)]
+    return config, model, adapter, optimizer, steps, examples, tokenizer.pad_token_id
+
+
+def sft_step(config, model, adapter, optimizer, micro, examples, pad_id, device) -> int:
+    """One optimizer step as sft.run takes it (loss summed over learned tokens, divided by their
+    count, accumulated over the micro-batches); returns its learned tokens."""
+    import sft
+    import train
+    n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
+    for batch in micro:
+        with train.autocast(config.precision, device):
+            ids, mask = sft.collate([examples[i] for i in batch], pad_id, device)
+            loss = sft.sum_token_loss(model, ids, mask) / n_learned
+        loss.backward()
+    train.optimizer_step(adapter or model, optimizer, 1e-6, config.grad_clip)
+    return n_learned
+
+
+def bench_sft(cfg) -> int:
+    """Learned tokens per second of an SFT step under each setting, the settings interleaved
+    within each repeat (machine noise hits them alike), the fastest repeat kept."""
+    import train
+    try:
+        setups = {name: sft_setting(cfg, name) for name in cfg.sft_settings}
+    except (OSError, ValueError) as e:
+        raise cli.UsageError(f"--sft-init {cfg.sft_init}: {e}") from None
+    for name, (config, model, adapter, optimizer, steps, examples, pad) in setups.items():
+        # warm-up (thread pools, allocator) on an episode's last 128 tokens: its answer turn is learned
+        warm = [(ids[-128:], mask[-128:]) for ids, mask in examples[:1]]
+        sft_step(config, model, adapter, optimizer, [[0]], warm, pad, cfg.device)
+        trained = sum(p.numel() for p in (adapter or model).parameters() if p.requires_grad)
+        print(f"sft {name}: {trained / 1e6:.2f}M trained parameters", file=sys.stderr)
+    best = {}
+    for _ in range(cfg.repeats):
+        for name, (config, model, adapter, optimizer, steps, examples, pad) in setups.items():
+            sync(cfg.device)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            learned = sum(sft_step(config, model, adapter, optimizer, micro, examples, pad, cfg.device)
+                          for micro in steps)
+            sync(cfg.device)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            tokens = sum(len(examples[i][0]) for micro in steps for b in micro for i in b)
+            print(f"sft {name}: {seconds:.1f}s ({cpu:.1f} CPU-s), {learned / seconds:.1f} learned tok/s",
+                  file=sys.stderr)
+            if name not in best or seconds < best[name]["seconds"]:
+                best[name] = {"setting": name, "seconds": seconds, "learned_tokens": learned, "tokens": tokens,
+                              "learned_tok_s": learned / seconds, "tok_s": tokens / seconds}
+            # CPU seconds of this process: on a machine shared with other jobs, less noisy than the wall
+            if "cpu_seconds" not in best[name] or cpu < best[name]["cpu_seconds"]:
+                best[name] |= {"cpu_seconds": cpu, "learned_tok_cpu_s": learned / cpu}
+    rows = list(best.values())
+    for row in rows:
+        row["x_baseline"] = row["learned_tok_s"] / rows[0]["learned_tok_s"]
+        row["x_baseline_cpu"] = row["learned_tok_cpu_s"] / rows[0]["learned_tok_cpu_s"]
+        row["flags"] = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                for k, v in SFT_SETTINGS[row["setting"]].items())
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+        return 0
+    print(f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SFT step of {cfg.sft_init} "
+          f"({cfg.sft_steps} step(s) of <= {cfg.sft_batch_tokens} tokens, the fastest of {cfg.repeats} repeats)")
+    markdown_table(rows, [("setting", "{}"), ("flags", "{}"), ("tokens", "{}"), ("learned_tokens", "{}"),
+                          ("seconds", "{:.2f}"), ("tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"),
+                          ("x_baseline", "{:.2f}"), ("cpu_seconds", "{:.2f}"), ("learned_tok_cpu_s", "{:.1f}"),
+                          ("x_baseline_cpu", "{:.2f}")])
     return 0
 
 

@@ -5,6 +5,7 @@ diversity, efficiency).
     python grpo.py --init runs/sft/<run>/checkpoints/step-000600
     python grpo.py --serial-only                    ablation: one call per turn
     python grpo.py --w-latency 0 --w-cost 0 --w-token 0 --w-extra-round 0   ablation: no efficiency terms
+    python grpo.py --init runs/sft/latest --lora-rank 16 --kl-coef 0.01   a LoRA adapter; KL to the base, adapter off
     python grpo.py --resume
 
 Design choices, and why:
@@ -25,6 +26,11 @@ Design choices, and why:
   PARSE_ERR, the protocol's own way of refusing an action, so the reward's protocol term
   penalizes it and the call is not run (a reward-only penalty would still let parallel calls
   buy their latency advantage).
+- --lora-rank R trains a LoRA adapter (train.add_adapter) on the --init model (an adapter
+  folder as --init is merged into its base first, and the new adapter names it as its base).
+  The rollouts run with the adapter merged into the weights (lora.Adapter.merged), and the KL
+  reference is the same weights with the adapter off (lora.AdapterOff): the initial policy,
+  without a second copy of the model.
 - Weights, the KL reference and AdamW state are fp32 on every device; --precision bf16-mixed
   (the CUDA default) runs only the training passes under bf16 autocast (train.autocast). The
   rollouts stay at the weights' fp32, since the engine's caches take the weights' dtype.
@@ -40,6 +46,7 @@ import torch
 
 import cli
 import dataparallel
+import lora
 import rl_loss
 import train
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, group_rewards
@@ -81,7 +88,7 @@ class GRPOOptions:
 
 # GRPO's optimizer defaults differ from SFT's: a smaller step from a trained model
 GRPOConfig = dataclasses.make_dataclass(
-    "GRPOConfig", cli.config_fields(GRPOOptions)
+    "GRPOConfig", cli.config_fields(GRPOOptions) + cli.config_fields(train.LoraOptions)
     + cli.config_fields(train.TrainConfig, lr=2e-4, warmup_steps=5, ckpt_every=25, eval_every=50,
                           log_every=1, eval_n=64)
     + cli.config_fields(EnvConfig) + cli.config_fields(RewardConfig))
@@ -226,10 +233,11 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
 
 
 def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device,
-             world=dataparallel.World()) -> dict:
+             world=dataparallel.World(), trainable=None) -> dict:
     """One optimizer step on the rollouts (gradient accumulated over micro-batches): each
     episode in full, or (--shared-prefix-train) each group's prompt once (shared_passes).
-    Under torchrun, `rollouts` are this rank's; the loss is normalized by the whole batch's."""
+    Under torchrun, `rollouts` are this rank's; the loss is normalized by the whole batch's.
+    `trainable`: what the optimizer updates, if not the model itself (its LoRA adapter)."""
     total_tokens, episodes = map(int, world.sum(sum(sum(r.mask) for r in rollouts), len(rollouts)))
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
@@ -258,8 +266,8 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
             trained_tokens += tokens
     sums = dict(zip(sums, world.sum(*sums.values())))
     trained_tokens = int(world.sum(trained_tokens)[0])
-    world.sum_grads(model)
-    grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
+    world.sum_grads(trainable or model)
+    grad_norm = train.optimizer_step(trainable or model, optimizer, lr, config.grad_clip)
     out = {k: v / max(1, total_tokens) for k, v in sums.items() if k != "loss"}
     return out | {"loss": sums["loss"], "grad_norm": grad_norm, "train_tokens": trained_tokens}
 
@@ -319,19 +327,28 @@ def run(config, world=dataparallel.World()) -> int:
     if not init:
         raise train.TrainingError(f"no SFT checkpoint to start from ({config.runs_dir}/sft/latest does not exist): "
                                   "run `python sft.py` first, or pass --init CHECKPOINT")
+    train.check_lora(config, init)
     try:
         policy = Policy.load(init, device=device, dtype=torch.float32)  # fp32 master weights (train.autocast)
     except (OSError, ValueError) as e:
         raise train.TrainingError(f"--init {init}: {e}") from None
     run_path = resumed or world.first(lambda: train.run_dir(config, "grpo"))
     model = policy.model
-    train.freeze_bottom(model, config.freeze_layers)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.kl_coef > 0 else None
-    optimizer = train.make_optimizer(model, config)
+    adapter = train.add_adapter(model, config, init)
+    trainable = adapter or model   # what the optimizer updates and the checkpoints hold
+    if adapter is None:
+        train.freeze_bottom(model, config.freeze_layers)
+    if config.kl_coef == 0:
+        reference = None
+    elif adapter is not None:
+        reference = lora.AdapterOff(model, adapter)
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = train.make_optimizer(trainable, config)
     generator = torch.Generator(device).manual_seed(config.seed + 1_000_003 * world.rank)  # each rank its own
     step = 0
     if resume_from is not None:
-        state = train.load_training_state(resume_from, model, optimizer)
+        state = train.load_training_state(resume_from, model, optimizer, adapter)
         step = state["step"]
         generators = state.get("generators", [state["generator"]])
         if len(generators) == world.size:
@@ -348,7 +365,8 @@ def run(config, world=dataparallel.World()) -> int:
     while step < config.steps:
         t0 = time.time()
         model.eval()
-        results, rollouts, rstats = rollout_step(policy, config, step, generator, world)
+        with lora.merged(adapter):
+            results, rollouts, rstats = rollout_step(policy, config, step, generator, world)
         model.train()
         rewards = torch.tensor([r.reward for r in rollouts]).view(-1, config.group)   # this rank's groups
         advantages = rl_loss.group_advantages(rewards, config.std_normalize).flatten().tolist()
@@ -362,7 +380,7 @@ def run(config, world=dataparallel.World()) -> int:
         tstats = {}
         trained, = world.sum(len(keep))
         for _ in range(config.updates_per_batch if trained else 0):
-            tstats = train_on(model, reference, optimizer, keep, config, lr, device, world)
+            tstats = train_on(model, reference, optimizer, keep, config, lr, device, world=world, trainable=trainable)
         train_seconds = time.time() - t1
         step += 1
         results, flat, rstats = all_ranks(world, results, flat, rstats)
@@ -370,7 +388,8 @@ def run(config, world=dataparallel.World()) -> int:
                "train_seconds": train_seconds, "trained_episodes": int(trained),
                "train_tokens_per_s": tstats.get("train_tokens", 0) * config.updates_per_batch / max(train_seconds, 1e-9)}
         if world.main and train.due(step, config.eval_every, config.steps):
-            row |= train.periodic_eval(policy, config, step)
+            with lora.merged(adapter):
+                row |= train.periodic_eval(policy, config, step)
         row["step_seconds"] = time.time() - t0
         metrics.log(row)
         if train.due(step, config.log_every, config.steps):
@@ -380,8 +399,9 @@ def run(config, world=dataparallel.World()) -> int:
         if train.due(step, config.ckpt_every, config.steps):
             generators = world.gather(generator.get_state().tolist())
             if world.main:
-                path = train.save_checkpoint(run_path, step, model, init, optimizer,
-                                             {"generator": generators[0], "generators": generators, "init": init})
+                path = train.save_checkpoint(run_path, step, model, lora.tokenizer_folder(init), optimizer,
+                                             {"generator": generators[0], "generators": generators, "init": init},
+                                             adapter)
     if world.main:
         train.set_latest(run_path, path)
         print(f"done: {path} ({run_path.parent}/latest)", file=sys.stderr)

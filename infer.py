@@ -38,6 +38,8 @@ from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_epi
 from tasks import SPLITS, Task, load_jsonl_tasks, safe_text, task_at, task_from_question, task_world, world_for_split
 from tools import PoolError, load_pool, pool_needs_sandbox, read_pool_spec
 
+ADAPTER = "adapter_config.json"   # lora.CONFIG_FILE; lora (torch) is imported only when a model plays
+
 
 @dataclass
 class InferOptions:
@@ -48,7 +50,7 @@ class InferOptions:
                                   "checkpoint); a scripted policy plays the built-in question forms only", "mode")
     json: bool = cli.field(False, "print JSON instead of text", "mode")
     policy: str = cli.field("", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, random, "
-                            "vote) or a checkpoint folder (default: oracle for --trace; none for --eval: the table)",
+                            "vote), a checkpoint folder or a LoRA adapter folder (default: oracle for --trace; none for --eval: the table)",
                             "run")
     pool: str = cli.field("seen", "seen (randomized training family), unseen (all unseen pools), "
                           "a pool name in pools/, or a pool JSON file", "run")
@@ -235,8 +237,9 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
     for rate in config.failure_rates:
         check(0.0 <= rate <= 1.0, f"--failure-rates are probabilities, in [0, 1] (got {rate})")
     for path in config.checkpoints:
-        check(os.path.isfile(os.path.join(path, "config.json")),
-              f"--checkpoints {path}: not a checkpoint or run folder (no config.json in it)")
+        check(os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, ADAPTER)),
+              f"--checkpoints {path}: not a checkpoint, adapter or run folder (no config.json or {ADAPTER} in it)")
+        check_adapter("--checkpoints", path)
     policy = config.policy
     dataset = None
     if config.tasks:
@@ -256,8 +259,10 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
         pass    # --trace plays the oracle; --eval prints the table
     elif "/" in policy or os.sep in policy or os.path.exists(policy):
         check(os.path.exists(policy), f"--policy {policy}: the path does not exist (a checkpoint folder was expected)")
-        check(os.path.isfile(os.path.join(policy, "config.json")),
-              f"--policy {policy}: not a checkpoint folder (no config.json in it)")
+        check(os.path.isfile(os.path.join(policy, "config.json")) or os.path.isfile(os.path.join(policy, ADAPTER)),
+              f"--policy {policy}: not a checkpoint folder (no config.json in it) nor a LoRA adapter folder "
+              f"(no {ADAPTER})")
+        check_adapter("--policy", policy)
     elif policy.startswith("single:"):
         callee = policy.split(":", 1)[1]
         if any(spec.get("family") for spec in specs):
@@ -288,17 +293,30 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
                                     "form only (it needs the subtask graph), and this query is none of them in "
                                     f"the {config.split} reference world; pass a checkpoint as --policy")
         return policy, task
-    cli.check(os.path.isfile(os.path.join(policy, "config.json")),
-              f"--policy {policy}: not a checkpoint folder (no config.json in it)")
+    cli.check(os.path.isfile(os.path.join(policy, "config.json")) or os.path.isfile(os.path.join(policy, ADAPTER)),
+              f"--policy {policy}: not a checkpoint folder (no config.json in it) nor a LoRA adapter folder "
+              f"(no {ADAPTER})")
+    check_adapter("--policy", policy)
+    from lora import root_base, tokenizer_folder
     from tokenizer import Tokenizer
     task = Task(safe_text(config.query), "", [], "query", 1, 1, 1, split="query")   # argv: bad bytes are surrogates
-    tokenizer = Tokenizer.load(policy)
+    tokenizer = Tokenizer.load(tokenizer_folder(policy))
     prompt = len(tokenizer.encode_chat(Episode(task, pool, cli.sub_config(EnvConfig, config),
                                                cli.sub_config(RewardConfig, config)).messages))
-    context = json.loads(open(os.path.join(policy, "config.json")).read()).get("max_position_embeddings", 0)
+    context = json.loads((root_base(policy) / "config.json").read_text()).get("max_position_embeddings", 0)
     cli.check(prompt + 2 <= context, f"--query: {len(tokenizer.encode(task.question))} tokens, a prompt of {prompt} "
                                      f"tokens with the system prompt; the model's context holds {context}")
     return policy, task
+
+
+def check_adapter(flag: str, path: str) -> None:
+    """An adapter folder must name a base that is there (lora.root_base follows the chain)."""
+    if os.path.isfile(os.path.join(path, ADAPTER)):
+        from lora import root_base
+        try:
+            root_base(path)
+        except ValueError as e:
+            raise cli.UsageError(f"{flag} {path}: {e}") from None
 
 
 def run_episode(config, policy: str, task: Task, world, env_config, reward_config) -> int:

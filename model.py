@@ -522,11 +522,8 @@ def load_model(path, device="cpu", dtype=None) -> Transformer:
     return model.eval()
 
 
-def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
-                     extra_files: dict[str, str] | None = None,
-                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ extra text files, + extra safetensors files such
-    as a training state) atomically into `path`.
+def write_folder(path, texts: dict[str, str], tensor_files: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write text files and safetensors files into the folder `path` atomically.
 
     Everything goes into a temp folder beside `path`, which is then renamed into place, so a
     reader never sees a half-written checkpoint and a crash leaves the old one intact.
@@ -536,13 +533,11 @@ def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name, text in (extra_files or {}).items():
+        for name, text in texts.items():
             (tmp / name).write_text(text)
-        for name, group in (extra_tensors or {}).items():
-            save_file({n: t.detach().contiguous().cpu() for n, t in group.items()}, str(tmp / name))
+        for name, group in tensor_files.items():
+            save_file({n: t.detach().contiguous().cpu() for n, t in group.items()}, str(tmp / name),
+                      metadata={"format": "pt"})
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: give the usual permissions
             p.chmod(0o755 if p.is_dir() else 0o644)
         old = None
@@ -558,6 +553,23 @@ def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
     return path
 
 
+def write_checkpoint(path, hf_config: dict, tensors: dict[str, torch.Tensor],
+                     extra_files: dict[str, str] | None = None,
+                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ extra text files, + extra safetensors files such
+    as a training state) atomically into `path` (write_folder)."""
+    return write_folder(path, {"config.json": json.dumps(hf_config, indent=2) + "\n", **(extra_files or {})},
+                        {"model.safetensors": tensors, **(extra_tensors or {})})
+
+
+def tokenizer_files(tokenizer_dir) -> dict[str, str]:
+    """The tokenizer files of a checkpoint folder, by name, as text (what a saved folder copies)."""
+    if tokenizer_dir is None:
+        return {}
+    return {name: (Path(tokenizer_dir) / name).read_text() for name in TOKENIZER_FILES
+            if (Path(tokenizer_dir) / name).is_file()}
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
 
@@ -569,9 +581,5 @@ def save_model(model: Transformer, path, tokenizer_dir=None, dtype=None, extra_f
     step: the training state of a run sits beside its weights."""
     state = {n: t.to(dtype) if dtype else t for n, t in model.state_dict().items()}
     check_tensors(model.config, state)
-    extra = dict(extra_files or {})
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                extra[name] = (Path(tokenizer_dir) / name).read_text()
+    extra = {**(extra_files or {}), **tokenizer_files(tokenizer_dir)}
     return write_checkpoint(path, model.config.to_hf(), state, extra, extra_tensors)

@@ -26,13 +26,13 @@ The engine (`Engine`) is built for this project's hot path: G branches continuin
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import lora
 import prefix_attn
-from model import Transformer, load_model, plain_causal_attention
+from model import Transformer, plain_causal_attention
 from tokenizer import Tokenizer
 
 
@@ -439,8 +439,8 @@ class Policy:
 
     @classmethod
     def load(cls, path, device="cpu", dtype=None) -> "Policy":
-        path = Path(path)
-        return cls(load_model(path, device=device, dtype=dtype), Tokenizer.load(path))
+        """A checkpoint folder, or a LoRA adapter folder merged into its base (lora.load_any)."""
+        return cls(lora.load_any(path, device=device, dtype=dtype), Tokenizer.load(lora.tokenizer_folder(path)))
 
     def engine(self, prompts: list[list[int]], branches: int | list[int] = 1, max_suffix_len: int = 512) -> Engine:
         """An engine over these token prompts, its suffix room capped by the model's context."""

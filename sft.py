@@ -6,6 +6,7 @@ included.
     python sft.py --init checkpoints/smollm2-135m-instruct --device cuda
     python sft.py --init checkpoints/smollm2-135m-instruct --freeze-layers 20 --lr 2e-4 --steps 120 \
                   --batch-tokens 4096 --micro-batch-tokens 4096   the recipe that learns on a 2-core CPU (README)
+    python sft.py --init checkpoints/smollm2-135m-instruct --lora-rank 16 --lr 1e-3   a LoRA adapter (docs/lora.md)
     python sft.py --resume                          continue the newest run from its last checkpoint
     python sft.py --data my.jsonl                   train on your own trajectories
 
@@ -35,6 +36,8 @@ Design choices, and why:
   since at 300 steps it did not yet change what the model gets right (README). With
   --init, --freeze-layers N trains only the layers above N (2.3x faster per token on
   SmolLM2-135M with 20 of 30 frozen), and logits are computed at learned positions only.
+  --lora-rank R trains a LoRA adapter instead (train.add_adapter; --init may be an adapter
+  folder too, merged into its base first).
 - Weights and AdamW moments are fp32 on every device, whatever dtype the checkpoint holds: a
   bf16 weight rounds away any update under 1/256 of itself. On CUDA the passes run under bf16
   autocast (--precision auto = bf16-mixed there; fp32 on this CPU, which has no fast bf16).
@@ -54,11 +57,12 @@ import torch.nn.functional as F
 
 import cli
 import dataparallel
+import lora
 import train
 from baselines import scripted_policy
 from env import EnvConfig, Episode, play
 from evaluation import resolve_device
-from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, load_model, num_parameters, preset_config
+from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, num_parameters, preset_config
 from policy import Policy, shared_prefix_logits
 from tasks import safe_json, task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
@@ -97,7 +101,7 @@ class SFTOptions:
                                         "splits a step into passes of this size)", "optimizer")
 
 
-SFTConfig = dataclasses.make_dataclass("SFTConfig", cli.config_fields(SFTOptions)
+SFTConfig = dataclasses.make_dataclass("SFTConfig", cli.config_fields(SFTOptions) + cli.config_fields(train.LoraOptions)
                                        + cli.config_fields(train.TrainConfig, eval_every=250))
 
 
@@ -291,7 +295,7 @@ def copy_drill_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def copy_warmup(model, tokenizer: Tokenizer, optimizer, config, device: str, rows: int = 24,
-                length: int = 128) -> list[float]:
+                length: int = 128, trainable=None) -> list[float]:
     """Run the copy drill for --copy-warmup-steps (linear warm-up to --copy-warmup-lr, then
     constant); returns the losses. Every skill SFT asks of the model is a copy from context
     (names from the question, callee names from the pool, numbers from the results): the drill
@@ -308,7 +312,7 @@ def copy_warmup(model, tokenizer: Tokenizer, optimizer, config, device: str, row
         loss = copy_drill_loss(model, ids.to(device), mask.to(device))
         loss.backward()
         lr = config.copy_warmup_lr * min(1.0, (step + 1) / config.warmup_steps)
-        train.optimizer_step(model, optimizer, lr, config.grad_clip)
+        train.optimizer_step(trainable or model, optimizer, lr, config.grad_clip)
         losses.append(loss.item())
         if train.due(step + 1, config.log_every, config.copy_warmup_steps):
             print(f"copy warm-up {step + 1}/{config.copy_warmup_steps}: loss {losses[-1]:.3f}", file=sys.stderr)
@@ -355,11 +359,11 @@ def prepare(config, run: Path, device: str):
     tokenizer_dir = run / "tokenizer"
     if config.init:
         try:
-            model = load_model(config.init, device=device, dtype=torch.float32)  # fp32 master weights
-            tokenizer = Tokenizer.load(config.init)
+            model = lora.load_any(config.init, device=device, dtype=torch.float32)  # fp32 master weights
+            tokenizer_dir = lora.tokenizer_folder(config.init)
+            tokenizer = Tokenizer.load(tokenizer_dir)
         except (OSError, ValueError) as e:
             raise train.TrainingError(f"--init {config.init}: {e}") from None
-        tokenizer_dir = Path(config.init)
     else:
         if (tokenizer_dir / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(tokenizer_dir)
@@ -395,6 +399,7 @@ def check_config(config) -> None:
 
 def run(config, world=dataparallel.World()) -> int:
     check_config(config)
+    train.check_lora(config, config.init)
     cli.log_config(config)
     device = resolve_device(config.device)
     precision = train.precision_of(config.precision, device)
@@ -408,6 +413,8 @@ def run(config, world=dataparallel.World()) -> int:
         if not config.resume and world.rank == 0:       # leave no half-written run behind
             shutil.rmtree(run_path, ignore_errors=True)
         raise
+    adapter = train.add_adapter(model, config, config.init)
+    trainable = adapter or model   # what the optimizer updates and the checkpoints hold
     seconds = {"data_and_tokenizer": time.time() - t, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
     t = time.time()
     examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]
@@ -415,20 +422,21 @@ def run(config, world=dataparallel.World()) -> int:
     learned = sum(sum(m) for _, m in examples)
     print(f"tokens: {sum(lengths)} in {len(examples)} episodes (mean {sum(lengths) / len(lengths):.0f}, "
           f"max {max(lengths)}; {learned / sum(lengths):.1%} learned) in {time.time() - t:.1f}s; "
-          f"model {num_parameters(model) / 1e6:.2f}M parameters on {device}, {precision}", file=sys.stderr)
+          f"model {num_parameters(model) / 1e6:.2f}M parameters on {device}, {precision}"
+          + (f", LoRA adapter {num_parameters(adapter) / 1e6:.2f}M" if adapter else ""), file=sys.stderr)
     model.train()
-    optimizer = train.make_optimizer(model, config)
+    optimizer = train.make_optimizer(trainable, config)
     step, epoch, position = 0, 0, 0
     resume_from = train.resume_point(run_path) if config.resume else None
     if resume_from is not None:
-        state = train.load_training_state(resume_from, model, optimizer)
+        state = train.load_training_state(resume_from, model, optimizer, adapter)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
     world.check_same(model, step)
     drill = []
     if resume_from is None and config.copy_warmup_steps:
         t = time.time()
-        drill = copy_warmup(model, tokenizer, optimizer, config, device)
+        drill = copy_warmup(model, tokenizer, optimizer, config, device, trainable=trainable)
         seconds["copy_warmup"] = time.time() - t
     metrics = train.Metrics(run_path, config.steps, step, write=world.main)
     if drill:
@@ -482,9 +490,9 @@ def run(config, world=dataparallel.World()) -> int:
             share["micro_batches"] += 1
             share["tokens"] += sum(lengths[i] for i in batch)
         loss_sum, = world.sum(loss_sum)
-        world.sum_grads(model)
+        world.sum_grads(trainable)
         lr = train.lr_at(step, config.steps, config)
-        grad_norm = train.optimizer_step(model, optimizer, lr, config.grad_clip)
+        grad_norm = train.optimizer_step(trainable, optimizer, lr, config.grad_clip)
         step += 1
         window["loss"] += loss_sum
         window["learned"] += 1
@@ -502,13 +510,14 @@ def run(config, world=dataparallel.World()) -> int:
                              pad=round(pad, 3), epoch=stream.epoch)
             window = dict.fromkeys(window, 0) | {"loss": 0.0, "time": 0.0}
         if world.main and train.due(step, config.eval_every, config.steps):
-            row |= train.periodic_eval(policy, config, step)
+            with lora.merged(adapter):
+                row |= train.periodic_eval(policy, config, step)
             seconds["eval"] += row.get("eval_seconds", 0.0)
         metrics.log(row)
         if world.main and train.due(step, config.ckpt_every, config.steps):
             t1 = time.time()
             path = train.save_checkpoint(run_path, step, model, tokenizer_dir, optimizer,
-                                         {"epoch": stream.epoch, "position": stream.position})
+                                         {"epoch": stream.epoch, "position": stream.position}, adapter)
             seconds["checkpoint"] += time.time() - t1
     shares = world.gather(share)
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), file=sys.stderr)

@@ -16,6 +16,9 @@ Design choices, and why:
   continues the first one (a test kills one with SIGKILL).
 - The learning rate is a pure function of the step (linear warm-up, cosine to a floor), so it
   needs no scheduler object to save.
+- With --lora-rank R the base is frozen whole and a LoRA adapter (lora.py) is what trains: the
+  optimizer, the gradient clip, the checkpoints and resume see the adapter only, and its
+  checkpoints are PEFT adapter folders naming the base they were trained on.
 - Decoupled weight decay only on matrices (not on norms, biases or embeddings), the usual
   choice for transformers.
 """
@@ -31,9 +34,10 @@ from pathlib import Path
 import torch
 
 import cli
+import lora
 from env import EnvConfig, RewardConfig
 from evaluation import evaluate, run_checkpoints
-from model import load_model, save_model
+from model import load_model, read_config, save_model
 from tasks import SPLITS
 
 
@@ -64,6 +68,46 @@ class TrainConfig:
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
     eval_seed: int = cli.field(0, "seed of the periodic evaluation's tasks and pool draws (not --seed: runs of "
                                "every training seed are compared on the same tasks)", "eval")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA flags, the same in both stages."""
+    lora_rank: int = cli.field(0, "train a LoRA adapter of this rank on the frozen base (0: fine-tune the weights "
+                               "themselves, as --freeze-layers leaves them)", "lora")
+    lora_alpha: float = cli.field(32.0, "LoRA alpha: the adapter's output is scaled by alpha / rank", "lora")
+    lora_targets: list[str] = cli.field(list(lora.TARGETS), "linear layers that get an adapter, by checkpoint "
+                                        "name", "lora")
+    lora_layers: list[int] = cli.field([], "layer indices that get adapters (none given: every layer)", "lora")
+
+
+def lora_spec(config) -> lora.LoraSpec:
+    return lora.LoraSpec(config.lora_rank, config.lora_alpha, tuple(config.lora_targets),
+                         tuple(config.lora_layers) if config.lora_layers else None)
+
+
+def check_lora(config, init: str) -> None:
+    """Refuse bad LoRA flags at the start, before a run folder exists: one line each."""
+    if config.lora_rank == 0:
+        return
+    cli.check(config.lora_rank > 0, f"--lora-rank {config.lora_rank}: must be 0 (off) or more")
+    cli.check(bool(init), "--lora-rank needs a pretrained base to adapt: pass --init CHECKPOINT")
+    cli.check(config.freeze_layers == 0, "--freeze-layers is for full fine-tuning; with --lora-rank choose the "
+                                         "adapted layers with --lora-layers")
+    try:
+        layers = read_config(lora.root_base(init)).num_hidden_layers
+        lora.check_spec(lora_spec(config), layers)
+    except (OSError, ValueError) as e:
+        raise TrainingError(str(e).replace("\n", " ")) from None
+
+
+def add_adapter(model, config, init: str) -> "lora.Adapter | None":
+    """With --lora-rank: freeze the whole base and hook a new adapter (B = 0: the model is
+    unchanged until it trains) into it, naming `init` as its base. None without."""
+    if config.lora_rank == 0:
+        return None
+    model.requires_grad_(False)
+    return lora.Adapter(model, lora_spec(config), lora.base_name(init), seed=config.seed)
 
 
 # ---------------------------------------------------------------- precision
@@ -109,8 +153,8 @@ def check_config(config) -> None:
     check(config.freeze_layers >= 0, f"--freeze-layers must be 0 or more (got {config.freeze_layers})")
     if config.init:
         check(os.path.isdir(config.init), f"--init {config.init}: the folder does not exist (a checkpoint was expected)")
-        check(os.path.isfile(os.path.join(config.init, "config.json")),
-              f"--init {config.init}: not a checkpoint folder (no config.json in it)")
+        check(any(os.path.isfile(os.path.join(config.init, f)) for f in ("config.json", lora.CONFIG_FILE)),
+              f"--init {config.init}: not a checkpoint or adapter folder (no config.json or {lora.CONFIG_FILE} in it)")
     precision_of(config.precision, "cpu")
 
 
@@ -218,7 +262,8 @@ def freeze_bottom(model, n: int) -> None:
 
 
 def optimizer_step(model, optimizer, lr: float, grad_clip: float) -> float:
-    """Set the lr, clip, step, zero the grads; returns the pre-clip gradient norm."""
+    """Set the lr, clip, step, zero the grads; returns the pre-clip gradient norm. `model` is
+    what trains: the model, or its LoRA adapter."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for p in model.parameters() if p.grad is not None]
@@ -239,34 +284,42 @@ def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run: Path, step: int, model, tokenizer_dir, optimizer, state: dict) -> Path:
-    """An HF-layout checkpoint plus everything resume needs, in one atomic write."""
+def save_checkpoint(run: Path, step: int, model, tokenizer_dir, optimizer, state: dict, adapter=None) -> Path:
+    """An HF-layout checkpoint plus everything resume needs, in one atomic write; with an
+    adapter, the adapter folder (PEFT layout) and its optimizer state only."""
     state = {**state, "step": step, "python_rng": random.getstate(),
              "torch_rng": torch.get_rng_state().tolist()}
     path = run / "checkpoints" / f"step-{step:06d}"
-    save_model(model, path, tokenizer_dir=tokenizer_dir,
-               extra_files={"training_state.json": json.dumps(state, default=list) + "\n"},
-               extra_tensors={"optimizer.safetensors": _optimizer_tensors(model, optimizer)})
+    extra_files = {"training_state.json": json.dumps(state, default=list) + "\n"}
+    extra_tensors = {"optimizer.safetensors": _optimizer_tensors(adapter or model, optimizer)}
+    if adapter is not None:
+        adapter.save(path, tokenizer_dir, extra_files, extra_tensors)
+    else:
+        save_model(model, path, tokenizer_dir=tokenizer_dir, extra_files=extra_files, extra_tensors=extra_tensors)
     return path
 
 
-def load_training_state(path: Path, model, optimizer) -> dict:
-    """Load weights, optimizer moments and RNG states from a checkpoint into the live objects;
-    every problem is a TrainingError naming the file or tensor."""
+def load_training_state(path: Path, model, optimizer, adapter=None) -> dict:
+    """Load weights (the adapter's, with one), optimizer moments and RNG states from a
+    checkpoint into the live objects; every problem is a TrainingError naming the file or tensor."""
     from safetensors.torch import load_file
     try:
-        loaded = load_model(path, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+        if adapter is not None:
+            adapter.load_weights(path)
+        else:
+            loaded = load_model(path, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
         state = json.loads((path / "training_state.json").read_text())
         moments = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise TrainingError(f"cannot resume from {path}: {e}") from None
     try:
-        model.load_state_dict(loaded.state_dict())
+        if adapter is None:
+            model.load_state_dict(loaded.state_dict())
     except RuntimeError as e:   # a flag changed the model's shape since the run started
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise TrainingError(f"cannot resume from {path}: the checkpoint does not fit the model this config "
                             f"builds ({first[:200]})") from None
-    params = dict(model.named_parameters())
+    params = dict((adapter or model).named_parameters())
     for name, value in moments.items():
         pname, key = name.rsplit(".", 1)
         if pname not in params:

@@ -156,6 +156,8 @@ def test_trace_mode_checks_too(capsys, no_play):
     (["--prefix-lens", "256", "-1"], ["--prefix-lens"]),
     (["--new-tokens", "0"], ["--new-tokens"]),
     (["--append-lens", "5", "0"], ["--append-lens"]),
+    (["--sft", "--sft-settings", "lora-16", "lora-99"], ["--sft-settings lora-99", "freeze-20"]),
+    (["--sft", "--sft-batch-tokens", "0"], ["--sft-batch-tokens"]),
 ])
 def test_bench_bad_cases(capsys, monkeypatch, argv, expected):
     monkeypatch.setattr(bench, "machine_limits", lambda *a: pytest.fail("measured the machine first"))
@@ -251,7 +253,7 @@ def no_training(monkeypatch):
     import sft
     def tripwire(*args, **kwargs):
         raise AssertionError("work started before the input was checked")
-    for module, name in ((sft, "generate_episodes"), (sft, "load_model"), (sft, "build_model"),
+    for module, name in ((sft, "generate_episodes"), (sft, "prepare"), (sft, "build_model"),
                          (grpo, "Policy"), (grpo, "latest_of")):
         monkeypatch.setattr(module, name, tripwire)
 
@@ -274,7 +276,7 @@ def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
 def test_sft_init_that_is_not_a_checkpoint(capsys, no_training, tmp_path):
     import sft
     rejected(capsys, sft.main, ["--init", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
-             "not a checkpoint folder", "config.json")
+             "not a checkpoint or adapter folder", "config.json")
     assert not (tmp_path / "runs").exists()
 
 
