@@ -56,7 +56,7 @@ from baselines import scripted_policy
 from env import EnvConfig, Episode, play
 from evaluation import resolve_device
 from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, load_model, num_parameters, preset_config
-from policy import Policy, shared_prefix_logits
+from policy import Policy, prefix_kv, suffix_hidden
 from tasks import task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
 from tools import load_pool
@@ -197,25 +197,63 @@ def bucketed_batches(lengths: list[int], budget: int, seed: int, epoch: int, win
     return batches
 
 
-def prefix_batches(prefix_of: list[int], prefix_lens: list[int], lengths: list[int], budget: int, seed: int,
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of items grouped into rows whose lengths add up to at most
+    `capacity` (each item at most that long); deterministic."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def shared_layout(batch: list[int], prefix_of: list[int], suffix_lens: list[int]) -> tuple[list[tuple[int, list[list[int]]]], int]:
+    """How the shared pass lays a micro-batch out: for each prompt in it (first appearance
+    order), the rows its episodes are packed into end to end (pack_rows, every row as long as
+    the micro-batch's longest suffix); and that row length."""
+    width = max(suffix_lens[i] for i in batch)
+    groups: dict[int, list[int]] = {}
+    for i in batch:
+        groups.setdefault(prefix_of[i], []).append(i)
+    return [(p, [[idx[k] for k in row] for row in pack_rows([suffix_lens[i] for i in idx], width)])
+            for p, idx in groups.items()], width
+
+
+def shared_size(batch: list[int], prefix_of: list[int], prefix_lens: list[int], suffix_lens: list[int]) -> int:
+    """Padded tokens the shared pass runs for a micro-batch: each prompt once (padded to the
+    longest), then the packed rows."""
+    layout, width = shared_layout(batch, prefix_of, suffix_lens)
+    return len(layout) * max(prefix_lens[p] for p, _ in layout) + sum(len(rows) for _, rows in layout) * width
+
+
+def shared_batches(prefix_of: list[int], prefix_lens: list[int], suffix_lens: list[int], budget: int, seed: int,
                    epoch: int) -> list[list[int]]:
-    """Micro-batches for shared-prefix training: each holds suffixes of one prefix, similar in
-    length, whose size (prefix once + rows x longest suffix) stays within `budget` tokens."""
-    rng = random.Random(f"prefix-batches:{seed}:{epoch}")
+    """Micro-batches for the shared pass, the order a function of (seed, epoch): the prompts
+    (pool draws) in a shuffled order, each prompt's episodes together, filled greedily up to
+    `budget` padded tokens (shared_size). Episodes of one prompt share its computation only
+    within a micro-batch; a micro-batch may hold several prompts, so data in which no two
+    episodes share a prompt still makes full micro-batches."""
+    rng = random.Random(f"shared-batches:{seed}:{epoch}")
     members: dict[int, list[int]] = {}
     for i, p in enumerate(prefix_of):
         members.setdefault(p, []).append(i)
-    batches = []
-    for p, idx in members.items():
-        batch: list[int] = []
-        for i in sorted(idx, key=lambda i: lengths[i]):
-            if batch and prefix_lens[p] + (len(batch) + 1) * lengths[i] > budget:
+    groups = list(members.values())
+    rng.shuffle(groups)
+    batches, batch = [], []
+    for group in groups:
+        rng.shuffle(group)
+        for i in group:
+            if batch and shared_size(batch + [i], prefix_of, prefix_lens, suffix_lens) > budget:
                 batches.append(batch)
                 batch = []
             batch.append(i)
-        batches.append(batch)
-    rng.shuffle(batches)
-    return batches
+    return batches + ([batch] if batch else [])
 
 
 def split_prompt(tokenizer: Tokenizer, ids: list[int], mask: list[int], system: dict):
@@ -237,11 +275,6 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
     return ids.to(device), mask[:, 1:].to(device)
 
 
-def _masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (loss * mask.reshape(-1)).sum()
-
-
 def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over learned positions of the next-token cross-entropy (the caller divides). Logits
     are computed at those positions only: under a fifth of the tokens are learned, and the
@@ -251,14 +284,35 @@ def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
 
 
-def shared_sum_token_loss(model, prefix: list[int], suffixes: list[tuple[list[int], list[int]]], pad_id: int,
+def shared_sum_token_loss(model, groups: list[tuple[list[int], list[tuple[list[int], list[int]]]]], pad_id: int,
                           device) -> torch.Tensor:
-    """The same sum for rows that share `prefix` (not learned), the prefix computed once
-    (policy.shared_prefix_logits). A suffix's first token is predicted from the prefix; it
-    is the next message's opening, never learned, so its loss is left out."""
-    ids, mask = collate(suffixes, pad_id, device)
-    logits = shared_prefix_logits(model, [prefix], [s for s, _ in suffixes], [0] * len(suffixes), pad_id)
-    return _masked_ce_sum(logits[:, :-1], ids[:, 1:], mask)
+    """The same sum for episodes that share their prompt: `groups` holds (prompt, [(rest of an
+    episode, its loss mask), ...]). Each prompt runs once (policy.prefix_kv); the episodes'
+    rests are packed end to end into rows as long as the longest (shared_layout), each
+    attending to its prompt's K/V and causally to itself only (policy.suffix_hidden). Logits at
+    learned positions only, as in sum_token_loss. A rest's first token is predicted from
+    outside it (the prompt, or the branch packed before it); it is the next message's opening,
+    never learned, which the assert holds the data to."""
+    prefixes = [prefix for prefix, _ in groups]
+    rests = [rest for _, members in groups for rest in members]
+    assert all(mask[0] == 0 for _, mask in rests), "a learned token opens an episode's rest"
+    prefix_of = [g for g, (_, members) in enumerate(groups) for _ in members]
+    layout, _ = shared_layout(list(range(len(rests))), prefix_of, [len(ids) for ids, _ in rests])
+    rows, masks, starts, group_of = [], [], [], []
+    for g, packed in layout:
+        for row in packed:
+            ids, mask, start = [], [], []
+            for i in row:
+                start.append(len(ids))
+                ids += rests[i][0]
+                mask += rests[i][1]
+            rows.append(ids), masks.append(mask), starts.append(start), group_of.append(g)
+    ids, mask = collate(list(zip(rows, masks)), pad_id, device)
+    kv, lengths = prefix_kv(model, prefixes, pad_id)
+    hidden = suffix_hidden(model, kv, lengths, rows, group_of, pad_id, starts)
+    keep = mask.bool()
+    logits = F.linear(hidden[:, :-1][keep], model.output_weight())
+    return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
 
 
 # ---------------------------------------------------------------- copy warm-up
@@ -423,12 +477,13 @@ def run(config) -> int:
             suffixes.append((rest, rest_mask))
         suffix_lens = [len(s) for s, _ in suffixes]
         prefix_lens = [len(p) for p in prefixes]
-        stream = Stream(lambda e: prefix_batches(prefix_of, prefix_lens, suffix_lens, config.micro_batch_tokens,
+        stream = Stream(lambda e: shared_batches(prefix_of, prefix_lens, suffix_lens, config.micro_batch_tokens,
                                                  config.seed, e),
-                        lambda b: prefix_lens[prefix_of[b[0]]] + len(b) * max(suffix_lens[i] for i in b),
-                        config.batch_tokens, epoch, position)
-        print(f"shared prefix: {len(prefixes)} system prompts of {sum(prefix_lens) / len(prefixes):.0f} tokens "
-              f"on average, each computed once per micro-batch", file=sys.stderr)
+                        lambda b: shared_size(b, prefix_of, prefix_lens, suffix_lens), config.batch_tokens, epoch,
+                        position)
+        print(f"shared prompt: {len(prefixes)} system prompts of {sum(prefix_lens) / len(prefixes):.0f} tokens "
+              f"on average, {len(examples) / len(prefixes):.1f} episodes each, each computed once per micro-batch",
+              file=sys.stderr)
     else:
         stream = Stream(lambda e: bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
                         lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens, epoch, position)
@@ -444,10 +499,12 @@ def run(config) -> int:
         for batch in micro:
             with train.autocast(config.precision, device):
                 if config.shared_prefix:
-                    p = prefix_of[batch[0]]
-                    loss = shared_sum_token_loss(model, prefixes[p], [suffixes[i] for i in batch],
+                    groups: dict[int, list] = {}
+                    for i in batch:
+                        groups.setdefault(prefix_of[i], []).append(suffixes[i])
+                    loss = shared_sum_token_loss(model, [(prefixes[p], g) for p, g in groups.items()],
                                                  tokenizer.pad_token_id, device) / n_learned
-                    window["computed"] += prefix_lens[p] + sum(suffix_lens[i] for i in batch)
+                    window["computed"] += sum(prefix_lens[p] for p in groups) + sum(suffix_lens[i] for i in batch)
                 else:
                     ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
                     loss = sum_token_loss(model, ids, mask) / n_learned
