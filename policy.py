@@ -401,11 +401,13 @@ def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[
 
 
 def suffix_hidden(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[list[int]],
-                  group_of: list[int], pad_id: int = 0, starts: list[list[int]] | None = None) -> torch.Tensor:
+                  group_of: list[int], pad_id: int = 0, starts: list[list[int]] | None = None,
+                  query_block: int = 256) -> torch.Tensor:
     """Final-norm hidden states [N, T, hidden] of suffix rows (right-padded to T) continuing the
     prompts whose K/V `prefix_kv` returned. Each row's queries attend to its prompt's K/V and
     causally to its own tokens, in ONE fused SDPA call per layer over [prompt K/V gathered per
-    row ; row K/V] with a visibility mask. The prompt's projections and MLPs ran once; only its
+    row ; row K/V] with a visibility mask (per block of `query_block` queries). The prompt's
+    projections and MLPs ran once; only its
     K/V (a few MB) is gathered per row for the attention op, and autograd sums the rows'
     gradients back into it.
     `starts[n]` packs several branches of one prompt end to end into row n: the offsets where
@@ -436,17 +438,28 @@ def suffix_hidden(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[
     positions = lengths[rows][:, None] + offset
     P = kv[0][0].shape[2]
     # which keys a query may see: its prompt's real tokens, then its own branch causally
+    prompt_keys = (torch.arange(P, device=device)[None, :] < lengths[rows][:, None])[:, None, None, :]
     own = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & (branch[:, :, None] == branch[:, None, :])
-    visible = torch.cat([(torch.arange(P, device=device)[None, :] < lengths[rows][:, None])[:, None, :].expand(-1, T, -1),
-                         own], dim=2)[:, None]                      # [N, 1, T, P + T]
+    # Queries in blocks, each given only the row keys from the earliest branch start among its
+    # queries to its last query: the fused kernel skips nothing under an explicit mask, and a
+    # long packed row would otherwise pay for every key of every other branch.
+    spans, masks = [], []
+    branch_start = torch.arange(T, device=device)[None, :] - offset
+    for q0 in range(0, T, query_block):
+        q1 = min(T, q0 + query_block)
+        k0 = int(branch_start[:, q0].min())
+        spans.append((q0, q1, k0))
+        masks.append(torch.cat([prompt_keys.expand(-1, -1, q1 - q0, -1), own[:, None, q0:q1, k0:q1]], dim=3))
 
     def split(layer_idx, q, k, v):
         kp, vp = kv[layer_idx]
-        keys = torch.cat([kp[rows], k.transpose(1, 2)], dim=2)
-        values = torch.cat([vp[rows], v.transpose(1, 2)], dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
-                                             enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
+        kp, vp = kp[rows], vp[rows]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = [F.scaled_dot_product_attention(q[:, :, q0:q1], torch.cat([kp, k[:, :, k0:q1]], dim=2),
+                                              torch.cat([vp, v[:, :, k0:q1]], dim=2), attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+               for (q0, q1, k0), mask in zip(spans, masks)]
+        return torch.cat(out, dim=2).transpose(1, 2)
     return model.hidden_states(suffix_ids, positions, attention=split)
 
 

@@ -315,6 +315,45 @@ def shared_sum_token_loss(model, groups: list[tuple[list[int], list[tuple[list[i
     return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
 
 
+class SharedPrompts:
+    """The episodes split at their system prompt, for the shared pass: the distinct prompts,
+    each episode's prompt and the rest of its stream (tokens, loss mask). Micro-batches are
+    lists of episode indices, as for the plain pass."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: list[dict], examples: list[tuple[list[int], list[int]]]):
+        index: dict[tuple, int] = {}
+        self.prefixes, self.prefix_of, self.suffixes = [], [], []
+        for (ids, mask), r in zip(examples, rows):
+            prefix, rest, rest_mask = split_prompt(tokenizer, ids, mask, r["messages"][0])
+            if tuple(prefix) not in index:
+                index[tuple(prefix)] = len(self.prefixes)
+                self.prefixes.append(prefix)
+            self.prefix_of.append(index[tuple(prefix)])
+            self.suffixes.append((rest, rest_mask))
+        self.prefix_lens = [len(p) for p in self.prefixes]
+        self.suffix_lens = [len(s) for s, _ in self.suffixes]
+
+    def mean_prefix_len(self) -> float:
+        return sum(self.prefix_lens) / len(self.prefix_lens)
+
+    def batches(self, budget: int, seed: int, epoch: int) -> list[list[int]]:
+        return shared_batches(self.prefix_of, self.prefix_lens, self.suffix_lens, budget, seed, epoch)
+
+    def size(self, batch: list[int]) -> int:
+        return shared_size(batch, self.prefix_of, self.prefix_lens, self.suffix_lens)
+
+    def computed(self, batch: list[int]) -> int:
+        """Tokens the pass runs on, padding aside: each prompt once, each rest."""
+        return sum(self.prefix_lens[p] for p in {self.prefix_of[i] for i in batch}) + sum(
+            self.suffix_lens[i] for i in batch)
+
+    def sum_loss(self, model, batch: list[int], pad_id: int, device) -> torch.Tensor:
+        groups: dict[int, list] = {}
+        for i in batch:
+            groups.setdefault(self.prefix_of[i], []).append(self.suffixes[i])
+        return shared_sum_token_loss(model, [(self.prefixes[p], g) for p, g in groups.items()], pad_id, device)
+
+
 # ---------------------------------------------------------------- copy warm-up
 
 def copy_drill_batch(token_ids: torch.Tensor, rows: int, length: int,
@@ -466,24 +505,12 @@ def run(config) -> int:
     if drill:
         metrics.log({"copy_warmup_steps": len(drill), "copy_warmup_loss": drill})
     if config.shared_prefix:
-        prefix_id: dict[tuple, int] = {}
-        prefixes, prefix_of, suffixes = [], [], []
-        for (ids, mask), r in zip(examples, rows):
-            prefix, rest, rest_mask = split_prompt(tokenizer, ids, mask, r["messages"][0])
-            if tuple(prefix) not in prefix_id:
-                prefix_id[tuple(prefix)] = len(prefixes)
-                prefixes.append(prefix)
-            prefix_of.append(prefix_id[tuple(prefix)])
-            suffixes.append((rest, rest_mask))
-        suffix_lens = [len(s) for s, _ in suffixes]
-        prefix_lens = [len(p) for p in prefixes]
-        stream = Stream(lambda e: shared_batches(prefix_of, prefix_lens, suffix_lens, config.micro_batch_tokens,
-                                                 config.seed, e),
-                        lambda b: shared_size(b, prefix_of, prefix_lens, suffix_lens), config.batch_tokens, epoch,
-                        position)
-        print(f"shared prompt: {len(prefixes)} system prompts of {sum(prefix_lens) / len(prefixes):.0f} tokens "
-              f"on average, {len(examples) / len(prefixes):.1f} episodes each, each computed once per micro-batch",
-              file=sys.stderr)
+        shared = SharedPrompts(tokenizer, rows, examples)
+        stream = Stream(lambda e: shared.batches(config.micro_batch_tokens, config.seed, e), shared.size,
+                        config.batch_tokens, epoch, position)
+        print(f"shared prompt: {len(shared.prefixes)} system prompts of {shared.mean_prefix_len():.0f} tokens on "
+              f"average, {len(examples) / len(shared.prefixes):.1f} episodes each, each computed once per "
+              "micro-batch", file=sys.stderr)
     else:
         stream = Stream(lambda e: bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
                         lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens, epoch, position)
@@ -499,12 +526,8 @@ def run(config) -> int:
         for batch in micro:
             with train.autocast(config.precision, device):
                 if config.shared_prefix:
-                    groups: dict[int, list] = {}
-                    for i in batch:
-                        groups.setdefault(prefix_of[i], []).append(suffixes[i])
-                    loss = shared_sum_token_loss(model, [(prefixes[p], g) for p, g in groups.items()],
-                                                 tokenizer.pad_token_id, device) / n_learned
-                    window["computed"] += sum(prefix_lens[p] for p in groups) + sum(suffix_lens[i] for i in batch)
+                    loss = shared.sum_loss(model, batch, tokenizer.pad_token_id, device) / n_learned
+                    window["computed"] += shared.computed(batch)
                 else:
                     ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
                     loss = sum_token_loss(model, ids, mask) / n_learned

@@ -96,7 +96,9 @@ def test_packed_branches_give_each_branch_its_own_logits():
         suffixes.append(row)
         starts.append(start)
     kv, lengths = prefix_kv(model, prompts)
-    logits = F.linear(suffix_hidden(model, kv, lengths, suffixes, group_of, 0, starts), model.output_weight())
+    # blocks of 4 queries: a block's keys start at its earliest branch (suffix_hidden's saving)
+    logits = F.linear(suffix_hidden(model, kv, lengths, suffixes, group_of, 0, starts, query_block=4),
+                      model.output_weight())
     row_of = [r for r, lens in enumerate(rows) for _ in lens]
     for r, (p, at, branch) in zip(row_of, branches):
         ref = model(torch.tensor([prompts[p] + branch]))[0, len(prompts[p]):]
