@@ -27,12 +27,13 @@ Design choices, and why:
   Gradients are accumulated over micro-batches and the loss is a mean over all learned tokens
   of the step, so the step does not depend on how it was split.
 - Half an episode's tokens are its system prompt (instructions and pool lines), which every
-  episode on the same pool draw shares: data comes --episodes-per-pool (4) episodes to a draw,
-  and the shared pass (the default) batches a draw's episodes together, runs each prompt once
-  per micro-batch (policy.prefix_kv) and packs the episodes' rests end to end into rows that
-  attend to it (policy.suffix_hidden), equal to the plain pass (tests/test_sft_shared.py) and
-  1.4x its learned tokens/s on SmolLM2-135M (bench.py --sft-shared). Four, not more: a step
-  still sees two pool draws, and eight per draw measured no faster.
+  episode on the same pool draw shares. With --episodes-per-pool K, data comes K episodes to a
+  draw, and --shared-prefix batches a draw's episodes together, runs each prompt once per
+  micro-batch (policy.prefix_kv) and packs the episodes' rests end to end into rows that
+  attend to it (policy.suffix_hidden), equal to the plain pass (tests/test_sft_shared.py).
+  Both are off by default: at K = 4 on SmolLM2-135M it measured 1.09x the plain pass's
+  learned tokens/s over 3 steps (1.41x on one), within this CPU's noise, while a step sees two
+  pool draws instead of about five (bench.py --sft-shared; docs/sft-shared-prompt.md).
 - From scratch (the default) the tokenizer is a BPE trained on the generated episodes, the
   model the `tiny` preset; --init starts from any HF-layout checkpoint and its tokenizer.
   Every skill here is a copy from context, which the tiny model does not find by itself in a
@@ -77,11 +78,11 @@ class SFTOptions:
                                "(--no-recovery: failure-free trajectories only)", "data")
     data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
-    episodes_per_pool: int = cli.field(4, "consecutive episodes that share one pool draw, so one system prompt "
-                                       "(what --shared-prefix needs to pay); 1: a new draw per episode", "data")
-    shared_prefix: bool = cli.field(True, "the shared pass: each system prompt once per micro-batch, the "
-                                    "episodes' rests packed on top (docs/sft-shared-prompt.md); --no-shared-prefix: "
-                                    "every episode in full (the plain pass)", "optimizer")
+    episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
+                                       "(what --shared-prefix needs to pay; 4 measured best); 1: a new draw per episode", "data")
+    shared_prefix: bool = cli.field(False, "the shared pass: each system prompt once per micro-batch, the "
+                                    "episodes' rests packed on top (docs/sft-shared-prompt.md); off: every episode "
+                                    "in full (the plain pass)", "optimizer")
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     freeze_layers: int = cli.field(0, "freeze the embeddings (and a tied output layer) and the first N layers: "
                                    "a pretrained model's lower layers already read and copy", "model")
