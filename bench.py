@@ -73,6 +73,9 @@ class BenchConfig:
     sft_steps: int = cli.field(1, "optimizer steps per timed repeat (the same batches for every setting)", "sft")
     sft_batch_tokens: int = cli.field(4096, "tokens per optimizer step and per pass (sft.py --batch-tokens and "
                                       "--micro-batch-tokens of the recipe)", "sft")
+    sft_shared: list[int] = cli.field([], "instead: learned tokens/s of a SmolLM2-135M SFT step (the README recipe), "
+                                      "plain pass against the shared prompt, on episodes drawn this many per pool "
+                                      "draw (one comparison per value)", "sft")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -196,6 +199,8 @@ def main(argv=None):
         return bench_tokens(cfg)
     if cfg.append_lens:
         return bench_append(cfg, dtype)
+    if cfg.sft_shared:
+        return bench_sft_shared(cfg)
     if cfg.train:
         return bench_train(cfg, torch.float32)  # training's weights are fp32 (train.autocast), on CUDA too
     if cfg.sft:
@@ -516,6 +521,86 @@ def bench_sft(cfg) -> int:
                           ("seconds", "{:.2f}"), ("tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"),
                           ("x_baseline", "{:.2f}"), ("cpu_seconds", "{:.2f}"), ("learned_tok_cpu_s", "{:.1f}"),
                           ("x_baseline_cpu", "{:.2f}")])
+    return 0
+
+
+def bench_sft_shared(cfg, checkpoint="checkpoints/smollm2-135m-instruct", freeze=20, step_tokens=4096,
+                     episodes=256) -> int:
+    """SFT from SmolLM2-135M-Instruct as the README's recipe trains it (fp32 weights, the bottom
+    `freeze` of 30 layers frozen, steps of `step_tokens` padded tokens in one micro-batch),
+    plain pass against the shared prompt (sft.py --shared-prefix), on the SAME oracle episodes
+    drawn K per pool draw, for each K of --sft-shared. Steps are what sft.py runs (its Stream
+    and batching, forward + backward + AdamW), the two passes' steps interleaved so machine
+    noise hits both alike; --repeats steps each, all timed. Learned tokens/s is
+    the orchestrator's tokens (the loss's) over the summed step time; run_per_step the tokens
+    the passes ran, padding included (the shared pass runs each prompt once)."""
+    import sft
+    import train
+    from tokenizer import Tokenizer
+    cli.check(min(cfg.sft_shared) >= 1, f"--sft-shared must be episode counts of at least 1 (got {cfg.sft_shared})")
+    tokenizer = Tokenizer.load(checkpoint)
+    model = M.load_model(checkpoint, device=cfg.device, dtype=torch.float32)
+    train.freeze_bottom(model, freeze)
+    config = sft.SFTConfig(batch_tokens=step_tokens, micro_batch_tokens=step_tokens, seed=cfg.seed)
+    optimizer = train.make_optimizer(model, config)
+    pad = tokenizer.pad_token_id
+    rows = []
+    for K in cfg.sft_shared:
+        data = sft.generate_episodes(episodes, cfg.seed, config.failure_rate, True, config.pool, K)
+        examples = [sft.episode_tokens(tokenizer, r["messages"]) for r in data]
+        lengths = [len(ids) for ids, _ in examples]
+        shared = sft.SharedPrompts(tokenizer, data, examples)
+        passes = {
+            "plain": (sft.Stream(lambda e: sft.bucketed_batches(lengths, step_tokens, cfg.seed, e),
+                                 lambda b: len(b) * max(lengths[i] for i in b), step_tokens),
+                      lambda b: sft.sum_token_loss(model, *sft.collate([examples[i] for i in b], pad, cfg.device))),
+            "shared": (sft.Stream(lambda e: shared.batches(step_tokens, cfg.seed, e), shared.size, step_tokens),
+                       lambda b: shared.sum_loss(model, b, pad, cfg.device))}
+        totals = {mode: dict.fromkeys(("seconds", "learned", "tokens", "padded", "episodes", "prompts"), 0)
+                  for mode in passes}
+        for _, loss_of in passes.values():   # warm-up: first calls pay for thread pools and allocator growth
+            loss_of([0]).backward()
+            model.zero_grad(set_to_none=True)
+        for _ in range(cfg.repeats):
+            for mode, (stream, loss_of) in passes.items():
+                micro = stream.next_step()
+                learned = sum(sum(examples[i][1]) for b in micro for i in b)
+                sync(cfg.device)
+                t0 = time.perf_counter()
+                for b in micro:
+                    (loss_of(b) / learned).backward()
+                train.optimizer_step(model, optimizer, 1e-6, config.grad_clip)
+                sync(cfg.device)
+                t = totals[mode]
+                t["seconds"] += time.perf_counter() - t0
+                t["learned"] += learned
+                t["tokens"] += sum(lengths[i] for b in micro for i in b)
+                t["padded"] += sum(stream.size(b) for b in micro)
+                t["episodes"] += sum(len(b) for b in micro)
+                t["prompts"] += sum(len({shared.prefix_of[i] for i in b}) for b in micro)
+        for mode, t in totals.items():
+            steps = cfg.repeats
+            row = {"K": K, "mode": mode, "steps": steps, "s_per_step": t["seconds"] / steps,
+                   "episodes_per_step": t["episodes"] / steps, "prompts_per_step": t["prompts"] / steps,
+                   "learned_per_step": t["learned"] / steps, "run_per_step": t["padded"] / steps,
+                   "learned_tok_s": t["learned"] / t["seconds"], "episode_tok_s": t["tokens"] / t["seconds"]}
+            rows.append(row)
+            print(f"K={K} {mode}: {row['learned_tok_s']:.1f} learned tok/s, {row['s_per_step']:.1f} s/step",
+                  file=sys.stderr)
+        rows[-1]["x_plain"] = rows[-1]["learned_tok_s"] / rows[-2]["learned_tok_s"]
+        if cfg.jsonl:
+            with open(cfg.jsonl, "a") as f:
+                for row in rows[-2:]:
+                    f.write(json.dumps({"device": cfg.device, **row}) + "\n")
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+        return 0
+    print(f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SmolLM2-135M SFT step, {freeze} of 30 "
+          f"layers frozen, {step_tokens} padded tokens a step; K = episodes per pool draw (same episodes both ways)")
+    markdown_table(rows, [("K", "{}"), ("mode", "{}"), ("steps", "{}"), ("s_per_step", "{:.1f}"),
+                          ("episodes_per_step", "{:.1f}"), ("prompts_per_step", "{:.1f}"),
+                          ("learned_per_step", "{:.0f}"), ("run_per_step", "{:.0f}"),
+                          ("episode_tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"), ("x_plain", "{:.2f}")])
     return 0
 
 

@@ -396,10 +396,24 @@ def prefix_kv(model: Transformer, prefixes: list[list[int]], pad_id: int = 0):
 def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[list[int]],
                   group_of: list[int], pad_id: int = 0) -> torch.Tensor:
     """Logits [N, T, vocab] of suffix rows (right-padded to T) continuing the prompts whose K/V
-    `prefix_kv` returned. Each row's queries attend to its prompt's K/V and causally to its own
-    tokens, in ONE fused SDPA call per layer over [prompt K/V gathered per row ; row K/V] with a
-    visibility mask. The prompt's projections and MLPs ran once; only its K/V (a few MB) is
-    gathered per row for the attention op, and autograd sums the rows' gradients back into it.
+    `prefix_kv` returned (suffix_hidden, then the output layer)."""
+    return F.linear(suffix_hidden(model, kv, lengths, suffixes, group_of, pad_id), model.output_weight())
+
+
+def suffix_hidden(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[list[int]],
+                  group_of: list[int], pad_id: int = 0, starts: list[list[int]] | None = None,
+                  query_block: int = 256) -> torch.Tensor:
+    """Final-norm hidden states [N, T, hidden] of suffix rows (right-padded to T) continuing the
+    prompts whose K/V `prefix_kv` returned. Each row's queries attend to its prompt's K/V and
+    causally to its own tokens, in ONE fused SDPA call per layer over [prompt K/V gathered per
+    row ; row K/V] with a visibility mask (per block of `query_block` queries). The prompt's
+    projections and MLPs ran once; only its
+    K/V (a few MB) is gathered per row for the attention op, and autograd sums the rows'
+    gradients back into it.
+    `starts[n]` packs several branches of one prompt end to end into row n: the offsets where
+    each begins (default [0], one branch). A branch sees the prompt and its own tokens only, and
+    its positions restart at the prompt's length, so each equals its own row; packing short
+    branches into one row saves the padding a row per branch would need (sft.py).
     Why not the engine's fold-and-merge ops (prefix_attn.reference): on CPU their unfused softmax
     backward ate most of the saving (bench.py --train at G=8: 1.17x over the plain pass with
     them in the first version; 1.95x with this and length-sorted micro-batches). `kv` may be
@@ -408,27 +422,45 @@ def suffix_logits(model: Transformer, kv, lengths: torch.Tensor, suffixes: list[
     device = model.output_weight().device
     assert len(suffixes) == len(group_of) and list(group_of) == sorted(group_of), "rows sorted by group"
     assert all(suffixes), "empty suffix"
+    starts = starts or [[0]] * len(suffixes)
+    assert all(s[0] == 0 and s == sorted(set(s)) and s[-1] < len(x) for s, x in zip(starts, suffixes)), "bad starts"
     T = max(len(s) for s in suffixes)
     suffix_ids = torch.full((len(suffixes), T), pad_id, dtype=torch.long, device=device)
-    for n, s in enumerate(suffixes):
+    branch = torch.zeros(len(suffixes), T, dtype=torch.long)       # which branch of its row a token is
+    offset = torch.zeros(len(suffixes), T, dtype=torch.long)       # its position within that branch
+    for n, (s, st) in enumerate(zip(suffixes, starts)):
         suffix_ids[n, :len(s)] = torch.tensor(s)
+        branch[n, st[1:]] = 1
+        branch[n] = branch[n].cumsum(0)
+        offset[n] = torch.arange(T) - torch.tensor(st)[branch[n]]
+    branch, offset = branch.to(device), offset.to(device)
     rows = torch.tensor(group_of, device=device)
-    positions = lengths[rows][:, None] + torch.arange(T, device=device)[None, :]
+    positions = lengths[rows][:, None] + offset
     P = kv[0][0].shape[2]
-    # which keys a query may see: its prompt's real tokens, then its own row causally
-    visible = torch.cat([(torch.arange(P, device=device)[None, :] < lengths[rows][:, None])[:, None, :].expand(-1, T, -1),
-                         torch.ones(T, T, dtype=torch.bool, device=device).tril()[None].expand(len(suffixes), -1, -1)],
-                        dim=2)[:, None]                      # [N, 1, T, P + T]
+    # which keys a query may see: its prompt's real tokens, then its own branch causally
+    prompt_keys = (torch.arange(P, device=device)[None, :] < lengths[rows][:, None])[:, None, None, :]
+    own = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & (branch[:, :, None] == branch[:, None, :])
+    # Queries in blocks, each given only the row keys from the earliest branch start among its
+    # queries to its last query: the fused kernel skips nothing under an explicit mask, and a
+    # long packed row would otherwise pay for every key of every other branch.
+    spans, masks = [], []
+    branch_start = torch.arange(T, device=device)[None, :] - offset
+    for q0 in range(0, T, query_block):
+        q1 = min(T, q0 + query_block)
+        k0 = int(branch_start[:, q0].min())
+        spans.append((q0, q1, k0))
+        masks.append(torch.cat([prompt_keys.expand(-1, -1, q1 - q0, -1), own[:, None, q0:q1, k0:q1]], dim=3))
 
     def split(layer_idx, q, k, v):
         kp, vp = kv[layer_idx]
-        keys = torch.cat([kp[rows], k.transpose(1, 2)], dim=2)
-        values = torch.cat([vp[rows], v.transpose(1, 2)], dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible,
-                                             enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
-    hidden = model.hidden_states(suffix_ids, positions, attention=split)
-    return F.linear(hidden, model.output_weight())
+        kp, vp = kp[rows], vp[rows]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = [F.scaled_dot_product_attention(q[:, :, q0:q1], torch.cat([kp, k[:, :, k0:q1]], dim=2),
+                                              torch.cat([vp, v[:, :, k0:q1]], dim=2), attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+               for (q0, q1, k0), mask in zip(spans, masks)]
+        return torch.cat(out, dim=2).transpose(1, 2)
+    return model.hidden_states(suffix_ids, positions, attention=split)
 
 
 class Policy:

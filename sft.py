@@ -27,6 +27,14 @@ Design choices, and why:
   token budget): no cross-episode attention to mask, little padding (the fraction is logged).
   Gradients are accumulated over micro-batches and the loss is a mean over all learned tokens
   of the step, so the step does not depend on how it was split.
+- Half an episode's tokens are its system prompt (instructions and pool lines), which every
+  episode on the same pool draw shares. With --episodes-per-pool K, data comes K episodes to a
+  draw, and --shared-prefix batches a draw's episodes together, runs each prompt once per
+  micro-batch (policy.prefix_kv) and packs the episodes' rests end to end into rows that
+  attend to it (policy.suffix_hidden), equal to the plain pass (tests/test_sft_shared.py).
+  Both are off by default: at K = 4 on SmolLM2-135M it measured 1.09x the plain pass's
+  learned tokens/s over 3 steps (1.41x on one), within this CPU's noise, while a step sees two
+  pool draws instead of about five (bench.py --sft-shared; docs/sft-shared-prompt.md).
 - From scratch (the default) the tokenizer is a BPE trained on the generated episodes, the
   model the `tiny` preset; --init starts from any HF-layout checkpoint and its tokenizer.
   Every skill here is a copy from context, which the tiny model does not find by itself in a
@@ -63,7 +71,7 @@ from baselines import scripted_policy
 from env import EnvConfig, Episode, play
 from evaluation import resolve_device
 from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, num_parameters, preset_config
-from policy import Policy, shared_prefix_logits
+from policy import Policy, prefix_kv, suffix_hidden
 from tasks import safe_json, task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
 from tools import load_pool
@@ -78,10 +86,10 @@ class SFTOptions:
     data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
     episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
-                                       "(what --shared-prefix needs to pay)", "data")
-    shared_prefix: bool = cli.field(False, "compute a shared system prompt once per micro-batch; "
-                                    "measured slower with the first attention (suffix lengths in a pool vary)",
-                                    "optimizer")
+                                       "(what --shared-prefix needs to pay; 4 measured best); 1: a new draw per episode", "data")
+    shared_prefix: bool = cli.field(False, "the shared pass: each system prompt once per micro-batch, the "
+                                    "episodes' rests packed on top (docs/sft-shared-prompt.md); off: every episode "
+                                    "in full (the plain pass)", "optimizer")
     init: str = cli.field("", "start from this checkpoint folder (default: a new model and tokenizer)", "model")
     freeze_layers: int = cli.field(0, "freeze the embeddings (and a tied output layer) and the first N layers: "
                                    "a pretrained model's lower layers already read and copy", "model")
@@ -205,25 +213,63 @@ def bucketed_batches(lengths: list[int], budget: int, seed: int, epoch: int, win
     return batches
 
 
-def prefix_batches(prefix_of: list[int], prefix_lens: list[int], lengths: list[int], budget: int, seed: int,
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of items grouped into rows whose lengths add up to at most
+    `capacity` (each item at most that long); deterministic."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def shared_layout(batch: list[int], prefix_of: list[int], suffix_lens: list[int]) -> tuple[list[tuple[int, list[list[int]]]], int]:
+    """How the shared pass lays a micro-batch out: for each prompt in it (first appearance
+    order), the rows its episodes are packed into end to end (pack_rows, every row as long as
+    the micro-batch's longest suffix); and that row length."""
+    width = max(suffix_lens[i] for i in batch)
+    groups: dict[int, list[int]] = {}
+    for i in batch:
+        groups.setdefault(prefix_of[i], []).append(i)
+    return [(p, [[idx[k] for k in row] for row in pack_rows([suffix_lens[i] for i in idx], width)])
+            for p, idx in groups.items()], width
+
+
+def shared_size(batch: list[int], prefix_of: list[int], prefix_lens: list[int], suffix_lens: list[int]) -> int:
+    """Padded tokens the shared pass runs for a micro-batch: each prompt once (padded to the
+    longest), then the packed rows."""
+    layout, width = shared_layout(batch, prefix_of, suffix_lens)
+    return len(layout) * max(prefix_lens[p] for p, _ in layout) + sum(len(rows) for _, rows in layout) * width
+
+
+def shared_batches(prefix_of: list[int], prefix_lens: list[int], suffix_lens: list[int], budget: int, seed: int,
                    epoch: int) -> list[list[int]]:
-    """Micro-batches for shared-prefix training: each holds suffixes of one prefix, similar in
-    length, whose size (prefix once + rows x longest suffix) stays within `budget` tokens."""
-    rng = random.Random(f"prefix-batches:{seed}:{epoch}")
+    """Micro-batches for the shared pass, the order a function of (seed, epoch): the prompts
+    (pool draws) in a shuffled order, each prompt's episodes together, filled greedily up to
+    `budget` padded tokens (shared_size). Episodes of one prompt share its computation only
+    within a micro-batch; a micro-batch may hold several prompts, so data in which no two
+    episodes share a prompt still makes full micro-batches."""
+    rng = random.Random(f"shared-batches:{seed}:{epoch}")
     members: dict[int, list[int]] = {}
     for i, p in enumerate(prefix_of):
         members.setdefault(p, []).append(i)
-    batches = []
-    for p, idx in members.items():
-        batch: list[int] = []
-        for i in sorted(idx, key=lambda i: lengths[i]):
-            if batch and prefix_lens[p] + (len(batch) + 1) * lengths[i] > budget:
+    groups = list(members.values())
+    rng.shuffle(groups)
+    batches, batch = [], []
+    for group in groups:
+        rng.shuffle(group)
+        for i in group:
+            if batch and shared_size(batch + [i], prefix_of, prefix_lens, suffix_lens) > budget:
                 batches.append(batch)
                 batch = []
             batch.append(i)
-        batches.append(batch)
-    rng.shuffle(batches)
-    return batches
+    return batches + ([batch] if batch else [])
 
 
 def split_prompt(tokenizer: Tokenizer, ids: list[int], mask: list[int], system: dict):
@@ -245,11 +291,6 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
     return ids.to(device), mask[:, 1:].to(device)
 
 
-def _masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (loss * mask.reshape(-1)).sum()
-
-
 def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over learned positions of the next-token cross-entropy (the caller divides). Logits
     are computed at those positions only: under a fifth of the tokens are learned, and the
@@ -259,14 +300,74 @@ def sum_token_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
 
 
-def shared_sum_token_loss(model, prefix: list[int], suffixes: list[tuple[list[int], list[int]]], pad_id: int,
+def shared_sum_token_loss(model, groups: list[tuple[list[int], list[tuple[list[int], list[int]]]]], pad_id: int,
                           device) -> torch.Tensor:
-    """The same sum for rows that share `prefix` (not learned), the prefix computed once
-    (policy.shared_prefix_logits). A suffix's first token is predicted from the prefix; it
-    is the next message's opening, never learned, so its loss is left out."""
-    ids, mask = collate(suffixes, pad_id, device)
-    logits = shared_prefix_logits(model, [prefix], [s for s, _ in suffixes], [0] * len(suffixes), pad_id)
-    return _masked_ce_sum(logits[:, :-1], ids[:, 1:], mask)
+    """The same sum for episodes that share their prompt: `groups` holds (prompt, [(rest of an
+    episode, its loss mask), ...]). Each prompt runs once (policy.prefix_kv); the episodes'
+    rests are packed end to end into rows as long as the longest (shared_layout), each
+    attending to its prompt's K/V and causally to itself only (policy.suffix_hidden). Logits at
+    learned positions only, as in sum_token_loss. A rest's first token is predicted from
+    outside it (the prompt, or the branch packed before it); it is the next message's opening,
+    never learned, which the assert holds the data to."""
+    prefixes = [prefix for prefix, _ in groups]
+    rests = [rest for _, members in groups for rest in members]
+    assert all(mask[0] == 0 for _, mask in rests), "a learned token opens an episode's rest"
+    prefix_of = [g for g, (_, members) in enumerate(groups) for _ in members]
+    layout, _ = shared_layout(list(range(len(rests))), prefix_of, [len(ids) for ids, _ in rests])
+    rows, masks, starts, group_of = [], [], [], []
+    for g, packed in layout:
+        for row in packed:
+            ids, mask, start = [], [], []
+            for i in row:
+                start.append(len(ids))
+                ids += rests[i][0]
+                mask += rests[i][1]
+            rows.append(ids), masks.append(mask), starts.append(start), group_of.append(g)
+    ids, mask = collate(list(zip(rows, masks)), pad_id, device)
+    kv, lengths = prefix_kv(model, prefixes, pad_id)
+    hidden = suffix_hidden(model, kv, lengths, rows, group_of, pad_id, starts)
+    keep = mask.bool()
+    logits = F.linear(hidden[:, :-1][keep], model.output_weight())
+    return F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="sum")
+
+
+class SharedPrompts:
+    """The episodes split at their system prompt, for the shared pass: the distinct prompts,
+    each episode's prompt and the rest of its stream (tokens, loss mask). Micro-batches are
+    lists of episode indices, as for the plain pass."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: list[dict], examples: list[tuple[list[int], list[int]]]):
+        index: dict[tuple, int] = {}
+        self.prefixes, self.prefix_of, self.suffixes = [], [], []
+        for (ids, mask), r in zip(examples, rows):
+            prefix, rest, rest_mask = split_prompt(tokenizer, ids, mask, r["messages"][0])
+            if tuple(prefix) not in index:
+                index[tuple(prefix)] = len(self.prefixes)
+                self.prefixes.append(prefix)
+            self.prefix_of.append(index[tuple(prefix)])
+            self.suffixes.append((rest, rest_mask))
+        self.prefix_lens = [len(p) for p in self.prefixes]
+        self.suffix_lens = [len(s) for s, _ in self.suffixes]
+
+    def mean_prefix_len(self) -> float:
+        return sum(self.prefix_lens) / len(self.prefix_lens)
+
+    def batches(self, budget: int, seed: int, epoch: int) -> list[list[int]]:
+        return shared_batches(self.prefix_of, self.prefix_lens, self.suffix_lens, budget, seed, epoch)
+
+    def size(self, batch: list[int]) -> int:
+        return shared_size(batch, self.prefix_of, self.prefix_lens, self.suffix_lens)
+
+    def computed(self, batch: list[int]) -> int:
+        """Tokens the pass runs on, padding aside: each prompt once, each rest."""
+        return sum(self.prefix_lens[p] for p in {self.prefix_of[i] for i in batch}) + sum(
+            self.suffix_lens[i] for i in batch)
+
+    def sum_loss(self, model, batch: list[int], pad_id: int, device) -> torch.Tensor:
+        groups: dict[int, list] = {}
+        for i in batch:
+            groups.setdefault(self.prefix_of[i], []).append(self.suffixes[i])
+        return shared_sum_token_loss(model, [(self.prefixes[p], g) for p, g in groups.items()], pad_id, device)
 
 
 # ---------------------------------------------------------------- copy warm-up
@@ -442,23 +543,12 @@ def run(config, world=dataparallel.World()) -> int:
     if drill:
         metrics.log({"copy_warmup_steps": len(drill), "copy_warmup_loss": drill})
     if config.shared_prefix:
-        prefix_id: dict[tuple, int] = {}
-        prefixes, prefix_of, suffixes = [], [], []
-        for (ids, mask), r in zip(examples, rows):
-            prefix, rest, rest_mask = split_prompt(tokenizer, ids, mask, r["messages"][0])
-            if tuple(prefix) not in prefix_id:
-                prefix_id[tuple(prefix)] = len(prefixes)
-                prefixes.append(prefix)
-            prefix_of.append(prefix_id[tuple(prefix)])
-            suffixes.append((rest, rest_mask))
-        suffix_lens = [len(s) for s, _ in suffixes]
-        prefix_lens = [len(p) for p in prefixes]
-        stream = Stream(lambda e: prefix_batches(prefix_of, prefix_lens, suffix_lens, config.micro_batch_tokens,
-                                                 config.seed, e),
-                        lambda b: prefix_lens[prefix_of[b[0]]] + len(b) * max(suffix_lens[i] for i in b),
+        shared = SharedPrompts(tokenizer, rows, examples)
+        stream = Stream(lambda e: shared.batches(config.micro_batch_tokens, config.seed, e), shared.size,
                         config.batch_tokens, epoch, position)
-        print(f"shared prefix: {len(prefixes)} system prompts of {sum(prefix_lens) / len(prefixes):.0f} tokens "
-              f"on average, each computed once per micro-batch", file=sys.stderr)
+        print(f"shared prompt: {len(shared.prefixes)} system prompts of {shared.mean_prefix_len():.0f} tokens on "
+              f"average, {len(examples) / len(shared.prefixes):.1f} episodes each, each computed once per "
+              "micro-batch", file=sys.stderr)
     else:
         stream = Stream(lambda e: bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
                         lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens, epoch, position)
@@ -475,10 +565,8 @@ def run(config, world=dataparallel.World()) -> int:
         for batch in world.shard(micro):
             with train.autocast(config.precision, device):
                 if config.shared_prefix:
-                    p = prefix_of[batch[0]]
-                    loss = shared_sum_token_loss(model, prefixes[p], [suffixes[i] for i in batch],
-                                                 tokenizer.pad_token_id, device) / n_learned
-                    window["computed"] += prefix_lens[p] + sum(suffix_lens[i] for i in batch)
+                    loss = shared.sum_loss(model, batch, tokenizer.pad_token_id, device) / n_learned
+                    window["computed"] += shared.computed(batch)
                 else:
                     ids, mask = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
                     loss = sum_token_loss(model, ids, mask) / n_learned

@@ -249,19 +249,6 @@ def test_init_from_smollm2_loss_goes_down(tmp_path):
     assert last < 0.8 * first, losses
 
 
-def test_shared_prefix_loss_equals_per_example_losses(tokenizer):
-    from sft import shared_sum_token_loss, split_prompt
-    rows = generate_episodes(5, seed=4, failure_rate=0.3, recovery=True, per_pool=5)
-    assert len({r["messages"][0]["content"] for r in rows}) == 1     # one pool draw, one prompt
-    examples = [episode_tokens(tokenizer, r["messages"]) for r in rows]
-    model = _tiny_model(tokenizer.vocab_size)
-    ref = sum(sum_token_loss(model, *collate([e], 0, "cpu")) for e in examples)
-    parts = [split_prompt(tokenizer, ids, mask, rows[0]["messages"][0]) for ids, mask in examples]
-    assert all(p[0] == parts[0][0] for p in parts)
-    shared = shared_sum_token_loss(model, parts[0][0], [(s, m) for _, s, m in parts], tokenizer.pad_token_id, "cpu")
-    assert shared.item() == pytest.approx(ref.item(), rel=1e-5)
-
-
 class _Copier(torch.nn.Module):
     """Knows the drill's answer: at every position it puts all its mass on the token that
     followed the latest earlier occurrence of the current token, if any; else it is uniform.
