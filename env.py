@@ -61,6 +61,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from cli import field as flag
+from protocol_mask import TurnSpec
 from tasks import Task
 from tools import EXEC_ERR, OK, TIMEOUT, Pool, Reply
 
@@ -555,6 +556,13 @@ class Episode:
             self.done = True
             return None
         return state
+
+    def turn_spec(self) -> TurnSpec:
+        """What the next turn may say without a PARSE_ERR (the protocol mask's input): this
+        pool's names, the ids so far and those with an OK result, the limits."""
+        return TurnSpec.fit([c.name for c in self.pool.callees], list(self.history),
+                            [k for k, r in self.history.items() if r.status == OK],
+                            self.config.max_calls_per_turn, self.config.max_task_chars, self.config.max_turn_chars)
 
     def truncate(self, reason: str) -> None:
         """End the episode without an answer because the policy cannot go on (e.g. its context
