@@ -19,9 +19,20 @@ the plain pass (every episode with its own copy of the prompt) against --shared-
 (the prompt once per group), interleaved in one run:
 
     python bench.py --train --presets tiny smollm2-135m --branches 4 8 16
+
+`--mask` times a decode step with and without the protocol mask (protocol_mask.py): G
+branches of one prompt sample --new-tokens tokens at temperature 1 (no stop token, so every
+branch takes every step), the unmasked engine against the engine with one TurnMask per branch
+(the pool names of a seen-pool draw, SmolLM2's 49k vocabulary from --mask-tokenizer),
+interleaved; the mask's compile cache is warmed by one untimed run first, whose time is
+reported apart:
+
+    python bench.py --mask --presets smollm2-135m --prefix-lens 400 --branches 16
 """
 import dataclasses
 import json
+import os
+import random
 import sys
 import time
 
@@ -30,6 +41,10 @@ import torch
 import cli
 import model as M
 from policy import Engine, SamplingParams
+from protocol_mask import ProtocolMask, TurnSpec
+from tasks import world_for_split
+from tokenizer import Tokenizer
+from tools import load_pool
 
 
 @dataclasses.dataclass
@@ -53,6 +68,9 @@ class BenchConfig:
     train_suffix_len: int = cli.field(300, "mean tokens of an episode after its prompt (drawn in [0.5, 1.5] x this)", "train")
     train_micro_batch_tokens: int = cli.field(8192, "tokens per forward/backward pass (grpo.py --micro-batch-tokens; "
                                               "the smollm2-135m shape needs 4096 within 24 GB on CPU)", "train")
+    mask: bool = cli.field(False, "instead: time a decode step with and without the protocol mask", "mask")
+    mask_tokenizer: str = cli.field("checkpoints/smollm2-135m-instruct", "checkpoint folder whose tokenizer the "
+                                    "--mask benchmark compiles the mask against", "mask")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -151,6 +169,8 @@ def validate(cfg: BenchConfig) -> None:
     for flag, values, known in (("modes", cfg.modes, MODES), ("presets", cfg.presets, tuple(M.PRESETS))):
         unknown = [v for v in values if v not in known]
         cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
+    cli.check(not cfg.mask or os.path.isfile(os.path.join(cfg.mask_tokenizer, "tokenizer.json")),
+              f"--mask-tokenizer {cfg.mask_tokenizer}: no tokenizer.json there (python convert_gguf.py writes SmolLM2's)")
     cli.check(min(cfg.append_lens, default=1) >= 1, f"--append-lens must be lengths of at least 1 (got {cfg.append_lens})")
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
@@ -171,6 +191,8 @@ def main(argv=None):
         return bench_append(cfg, dtype)
     if cfg.train:
         return bench_train(cfg, torch.float32)  # training's weights are fp32 (train.autocast), on CUDA too
+    if cfg.mask:
+        return bench_mask(cfg, dtype)
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
@@ -222,6 +244,56 @@ def main(argv=None):
         print(json.dumps({"machine": limits, "device": cfg.device, "rows": rows}, indent=1))
     else:
         print_table(rows, limits, cfg.device)
+    return 0
+
+
+def bench_mask(cfg, dtype) -> int:
+    """Seconds per decode step, unmasked and masked, same model, prompt and G, in one run."""
+    tokenizer = Tokenizer.load(cfg.mask_tokenizer)
+    t0 = time.perf_counter()
+    mask = ProtocolMask(tokenizer, cfg.device)
+    build = time.perf_counter() - t0
+    pool = load_pool("seen", world_for_split("train"), random.Random(cfg.seed))
+    spec = TurnSpec.fit([c.name for c in pool.callees], [], [], 16, 1000, 8000)
+    params = SamplingParams(temperature=1.0, max_new_tokens=cfg.new_tokens)
+    rows = []
+    for preset in cfg.presets:
+        config = M.preset_config(preset, vocab_size=tokenizer.vocab_size)
+        model = M.build_model(config, cfg.device, dtype, seed=cfg.seed).eval()
+        for P in cfg.prefix_lens:
+            prompt = torch.randint(0, config.vocab_size, (P,), device=cfg.device).tolist()
+            for G in cfg.branches:
+                def run(masked, seed):
+                    generator = torch.Generator(cfg.device).manual_seed(seed)
+                    engine = Engine(model, [prompt], G, cfg.new_tokens + 1)
+                    constraints = {b: mask.start(spec) for b in range(G)} if masked else None
+                    sync(cfg.device)
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        out = engine.generate(params, generator=generator, constraints=constraints)
+                    sync(cfg.device)
+                    assert all(len(c.token_ids) == cfg.new_tokens for c in out)
+                    return (time.perf_counter() - t) / cfg.new_tokens
+                mask.clear()
+                cold = run(True, cfg.seed)   # compiles the states these turns visit
+                best = {False: float("inf"), True: float("inf")}
+                for r in range(cfg.repeats):
+                    for masked in (False, True):
+                        best[masked] = min(best[masked], run(masked, cfg.seed))
+                row = {"preset": preset, "P": P, "G": G, "step_ms": best[False] * 1e3,
+                       "masked_step_ms": best[True] * 1e3, "mask_cost": best[True] / best[False] - 1,
+                       "cold_step_ms": cold * 1e3, "compiled_states": len(mask.tables), "build_s": build}
+                rows.append(row)
+                print(f"{preset} P={P} G={G}: {row['step_ms']:.1f} ms/step unmasked, "
+                      f"{row['masked_step_ms']:.1f} masked ({100 * row['mask_cost']:+.1f}%)", file=sys.stderr)
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+    else:
+        print(f"decode step with and without the protocol mask, {cfg.new_tokens} steps at temperature 1, "
+              f"fastest of {cfg.repeats}; mask built in {build:.1f}s")
+        markdown_table(rows, [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("step_ms", "{:.1f}"),
+                              ("masked_step_ms", "{:.1f}"), ("mask_cost", "{:+.3f}"), ("cold_step_ms", "{:.1f}"),
+                              ("compiled_states", "{}")])
     return 0
 
 

@@ -15,9 +15,11 @@ Design choices, and why:
   next id (one more than any id of the episode), NAME one of the pool's names. Free text (the
   think line, a task, an answer) takes any byte but `<`, so it cannot open a tag; in a task or
   an answer `{` starts a reference, which must name an id that exists (an answer: a call with an
-  OK result). A task or an answer starts with a printable non-space ASCII byte, so it is never
-  empty once stripped. Every free text has a byte limit, chosen so that the whole turn stays
-  within the environment's max_turn_chars (`TurnSpec.fit`). The language is a strict subset of
+  OK result). A `<` in free text must not be followed by `/`, a letter or `_` (what would open
+  a tag), so `{1} < {2}` stays possible. A task or an answer starts with a printable non-space
+  ASCII byte other than `<`, so it is never empty once stripped. Every free text has a byte
+  limit, chosen so that the whole turn stays within the environment's max_turn_chars
+  (`TurnSpec.fit`). The language is a strict subset of
   what the parser accepts: one spelling of the tags, no think after the calls.
 - Bytes, not characters: a byte-level BPE token may hold half a UTF-8 character. Structure is
   ASCII, and no byte of a multi-byte character is `<`, `{` or a digit, so a byte automaton is
@@ -52,6 +54,7 @@ _GAP_BYTES = frozenset(b" \n")
 _LT, _LBRACE, _RBRACE, _QUESTION = ord("<"), ord("{"), ord("}"), ord("?")
 _REGION = ("body", "ref", "close")   # states inside one free text (their `n` counts its bytes)
 _ID = re.compile(r"[1-9]\d{0,5}")
+_TAG_START = frozenset(b"/_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")   # after `<`: a tag
 _CLOSE = {"think": b"</think>", "task": b"</call>", "answer": b"</answer>"}
 
 
@@ -176,7 +179,11 @@ class TurnGrammar:
             if b == _RBRACE:
                 return State("body", s.where, b"", s.n + 1, s.calls) if s.text in self.refs(s.where, s.calls) else None
             return self._ref(s, s.text + bytes([b]), s.n + 1) if 0x30 <= b <= 0x39 else None
-        # close: the body's closing tag
+        # close: the body's closing tag, or a `<` of the free text (`{1} < {2}`) that opens no tag
+        if s.text == b"<" and b != ord("/"):
+            if b in _TAG_START or s.n >= self.limit[s.where]:
+                return None
+            return self.step(State("body", s.where, b"", s.n + 1, s.calls), b)
         literal, t = _CLOSE[s.where], s.text + bytes([b])
         if t == literal:
             return self._after_close(s)

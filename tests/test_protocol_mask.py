@@ -44,9 +44,9 @@ def reference(spec: TurnSpec):
     gap = b"[ \\n]{0,%d}" % MAX_GAP
     first = b"[\\x21-\\x3b\\x3d-\\x7a\\x7c-\\x7e]"          # printable, not space, `<` or `{`
 
-    def text(refs):
+    def text(refs):   # a `<` of free text is followed by no `/`, letter or `_`
         ref = b"\\{" + alt(refs) + b"\\}"
-        return b"(?:" + first + b"|" + ref + b")(?:[^<{]|" + ref + b")*"
+        return (b"(?:" + first + b"|" + ref + b")(?:[^<{]|" + ref + b"|<+(?:[^</A-Za-z_{]|" + ref + b"))*<*")
     names = alt(spec.names)
     calls = []
     for k in range(spec.max_calls):
@@ -55,22 +55,24 @@ def reference(spec: TurnSpec):
     tail = b""
     for c in reversed(calls[1:]):
         tail = b"(?:" + c + tail + b")?"
-    turn = (gap + b"(?:<think>[^<]*</think>" + gap + b")?(?:" + calls[0] + tail + b"|<answer>"
+    turn = (gap + b"(?:<think>(?:[^<]|<+[^</A-Za-z_])*<*</think>" + gap + b")?(?:" + calls[0] + tail + b"|<answer>"
             + text(spec.ok_ids) + b"</answer>" + gap + b")")
     pattern = regex.compile(turn, regex.DOTALL)
-    segments = regex.compile(rb'(<think>|">|<answer>)([^<]*)')
+    segments = regex.compile(rb'(<think>|">|<answer>)((?:[^<]|<(?!/))*)')
     limit = {b"<think>": spec.think_bytes, b'">': spec.task_bytes, b"<answer>": spec.answer_bytes}
 
     def fits(data: bytes) -> bool:
         for m in segments.finditer(data):
-            need = 0
-            pending = (regex.search(rb"\{(\d*)$", m.group(2))
+            need, body = 0, m.group(2)
+            if m.end() == len(data) and body.endswith(b"<"):   # that `<` may still open the closing tag
+                body = body[:-1]
+            pending = (regex.search(rb"\{(\d*)$", body)
                        if m.end() == len(data) and m.group(1) != b"<think>" else None)
             if pending:   # an open reference still owes its shortest id and `}`
                 ids = (spec.ok_ids if m.group(1) == b"<answer>" else
                        set(spec.ref_ids) | {str(spec.first_id + i) for i in range(data.count(b"</call>"))})
                 need = min(len(i) for i in ids if i.encode().startswith(pending.group(1))) - len(pending.group(1)) + 1
-            if len(m.group(2)) + need > limit[m.group(1)]:
+            if len(body) + need > limit[m.group(1)]:
                 return False
         return True
     return (lambda data: pattern.fullmatch(data, partial=True) is not None and fits(data),
@@ -79,7 +81,7 @@ def reference(spec: TurnSpec):
 
 SPEC = TurnSpec(names=("kb", "calc", "atlas"), first_id=13, ref_ids=frozenset({"1", "2", "12"}),
                 ok_ids=frozenset({"2", "12"}), max_calls=2, think_bytes=20, task_bytes=12, answer_bytes=10)
-TURNS = [b'\n<think>plan {x} now</think> <call id="13" to="calc">{1}+{12}</call>\n<call id="14" to="atlas">x{13}</call>\n',
+TURNS = [b'\n<think>plan {x} <= <3</think> <call id="13" to="calc">{1}<<{12}</call>\n<call id="14" to="atlas">x{13}</call>\n',
          b'<answer>{12} & {2}</answer>\n ', b'  <answer>{12}</answer>', b'<call id="13" to="kb">abcdefghi{1}</call>']
 
 
@@ -262,3 +264,96 @@ def test_the_budget_closes_a_turn_at_the_token_limit(tiny_tokenizer):
             turn.advance(out[-1])
         parsed = parse_turn(mask_text(mask, out[:-1]))
         assert len(out) <= need and parsed.answer and not parsed.errors and not parsed.calls
+
+
+# ---------------------------------------------------------------- the mask in GRPO's training pass
+
+class FixedMasks:
+    """A stand-in for ProtocolMask.rows: mask id k allows the tokens of row k (-1: all)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def rows(self, ids):
+        out = self.table[ids.clamp(min=0)]
+        out[ids < 0] = True
+        return out
+
+
+@pytest.mark.parametrize("shared,kl_coef", [(False, 0.1), (True, 0.1), (True, 0.0)])
+def test_masked_grpo_step_equals_a_plain_per_token_loop(shared, kl_coef):
+    from types import SimpleNamespace
+
+    from grpo import Rollout, train_on
+    V, P = 50, 5
+
+    def make():
+        config = M.ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return M.init_weights(M.Transformer(config), seed=3, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(6, V, generator=g) < 0.3
+    prompt = torch.randint(0, V, (P,), generator=g).tolist()
+    policy, reference, ref_model = make(), make(), make()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01)
+    rollouts = []
+    for length, adv in ((12, 0.75), (9, -0.5), (11, 0.25)):
+        ids = prompt + torch.randint(0, V, (length - P,), generator=g).tolist()
+        mask = [int(t >= P - 1 and t % 4 != 2) for t in range(length - 1)]   # generated, less one appended token
+        mask_ids = [int(torch.randint(0, 6, (1,), generator=g)) if m else -1 for m in mask]
+        for t, k in enumerate(mask_ids):
+            if k >= 0:
+                table[k, ids[t + 1]] = True
+        old = [(-2.0 + 0.3 * (-1) ** t) if m else 0.0 for t, m in enumerate(mask)]
+        rollouts.append(Rollout(ids, mask, old, 0.0, P, advantage=adv, mask_ids=mask_ids))
+    masks = FixedMasks(table)
+    # reference: each episode alone, token by token, log-probs over the allowed tokens
+    total, terms = sum(sum(r.mask) for r in rollouts), []
+    for r in rollouts:
+        logits = ref_model(torch.tensor([r.ids[:-1]]))[0]
+        with torch.no_grad():
+            logits_ref = reference(torch.tensor([r.ids[:-1]]))[0]
+        for t, learn in enumerate(r.mask):
+            if not learn:
+                continue
+            allowed, tok = table[r.mask_ids[t]], r.ids[t + 1]
+            logp = logits[t, tok] - torch.logsumexp(logits[t][allowed], -1)
+            logp_ref = logits_ref[t, tok] - torch.logsumexp(logits_ref[t][allowed], -1)
+            ratio = torch.exp(logp - r.logp_old[t])
+            surrogate = torch.minimum(ratio * r.advantage, ratio.clamp(0.8, 1.28) * r.advantage)
+            d = logp_ref - logp
+            terms.append(-surrogate + kl_coef * (torch.exp(d) - d - 1))
+    loss = sum(terms) / total
+    loss.backward()
+    config = SimpleNamespace(micro_batch_tokens=10_000, clip_low=0.2, clip_high=0.28, kl_coef=kl_coef,
+                             aggregation="token-mean", norm_tokens=16, grad_clip=0.0, shared_prefix_train=shared,
+                             precision="fp32")
+    start = [p.detach().clone() for p in policy.parameters()]
+    stats = train_on(policy, reference if kl_coef else None, torch.optim.SGD(policy.parameters(), lr=1.0),
+                     rollouts, config, 1.0, "cpu", masks)
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q, p0 in zip(policy.named_parameters(), ref_model.parameters(), start):
+        step = p0 - p.detach()
+        assert ((step - q.grad).norm() / q.grad.norm().clamp(min=1e-12)).item() < 1e-5, name
+
+
+def test_the_oracles_turns_are_in_the_masks_language():
+    """The mask never forces a model off what SFT taught it: every turn the scripted oracle
+    writes (with failures and recoveries) walks through the automaton to an accepting state."""
+    from baselines import scripted_policy
+    from protocol_mask import TurnGrammar
+    turns = 0
+    for episode, (task, i) in zip(episodes(40, max_turns=10), [(e.task, i) for i, e in enumerate(episodes(40))]):
+        oracle = scripted_policy("oracle", task, i)
+        while not episode.done:
+            grammar, text = TurnGrammar(episode.turn_spec()), oracle(episode.messages)
+            state = grammar.start
+            for b in text.encode():
+                state = grammar.step(state, b)
+                assert state is not None, text
+            assert grammar.accepting(state), text
+            episode.step(text)
+            turns += 1
+    assert turns >= 80
