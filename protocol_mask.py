@@ -10,17 +10,17 @@ parser accepts without a PARSE_ERR.
 
 Design choices, and why:
 - One small character-level (byte-level) automaton of a canonical turn, `TurnGrammar.step`:
-      gap [<think>free</think> gap] (<call id="N" to="NAME">task</call> gap)+ | <answer>text</answer> gap
+      gap [<think>free</think> gap] ((<call id="N" to="NAME">task</call> gap)+ | <answer>text</answer> gap)
   A gap is at most MAX_GAP spaces or newlines, so there is no text outside the tags. N is the
   next id (one more than any id of the episode), NAME one of the pool's names. Free text (the
-  think line, a task, an answer) takes any byte but `<`, so it cannot open a tag; in a task or
-  an answer `{` starts a reference, which must name an id that exists (an answer: a call with an
-  OK result). A `<` in free text must not be followed by `/`, a letter or `_` (what would open
-  a tag), so `{1} < {2}` stays possible. A task or an answer starts with a printable non-space
-  ASCII byte other than `<`, so it is never empty once stripped. Every free text has a byte
-  limit, chosen so that the whole turn stays within the environment's max_turn_chars
-  (`TurnSpec.fit`). The language is a strict subset of
-  what the parser accepts: one spelling of the tags, no think after the calls.
+  think line, a task, an answer) takes any byte, but a `<` in it must not be followed by `/`, a
+  letter or `_`, so it cannot open a tag (`{1} < {2}` stays possible). In a task or an answer
+  `{` starts a reference, which must name an id that exists (in an answer, a call with an OK
+  result). A task or an answer starts with a printable non-space ASCII byte other than `<`, so
+  it is never empty once stripped. Every free text has a byte limit, chosen so that the whole
+  turn stays within the environment's max_turn_chars (`TurnSpec.fit`). The language is a strict
+  subset of what the parser accepts: one spelling of the tags, no think after the calls; the
+  scripted oracle's turns are in it (tested), so the mask does not fight what SFT taught.
 - Bytes, not characters: a byte-level BPE token may hold half a UTF-8 character. Structure is
   ASCII, and no byte of a multi-byte character is `<`, `{` or a digit, so a byte automaton is
   exact on structure; byte limits are stricter than the parser's character limits.
@@ -30,7 +30,9 @@ Design choices, and why:
   "plain" tokens computed once per tokenizer (no `<`; in a task or an answer no `{` either) and
   walks only the few tokens left (SmolLM2's 49,152 tokens hold 38 with `<` and 50 with `{`).
   Counters (bytes of the current free text) are not part of a cached state: each compiled token
-  records how many bytes it adds, checked against the room left at run time.
+  records how many bytes it adds, checked against the room left at run time. Tokens longer than
+  MAX_FREE_TOKEN bytes (0.3% of SmolLM2's: runs of spaces or dashes) stay out of free text, so
+  the room changes a mask only in a free text's last 16 bytes and masks are reused.
 - Termination: a turn must end before the engine's token limit, or its cut text would be a
   PARSE_ERR. `finish(state)` is a short completion (close what is open; from a gap that needs a
   turn, `<answer>?</answer>`); a token is allowed only if, after it, that completion still fits in
@@ -49,9 +51,9 @@ from typing import NamedTuple
 import torch
 
 MAX_GAP = 2                      # spaces/newlines allowed between two elements of a turn
-MAX_FREE_TOKEN = 16              # longer tokens (0.3% of SmolLM2's: runs of spaces or dashes) stay out of free text
+MAX_FREE_TOKEN = 16              # longer tokens stay out of free text (masks reused; see above)
 _GAP_BYTES = frozenset(b" \n")
-_LT, _LBRACE, _RBRACE, _QUESTION = ord("<"), ord("{"), ord("}"), ord("?")
+_LT, _LBRACE, _RBRACE = ord("<"), ord("{"), ord("}")
 _REGION = ("body", "ref", "close")   # states inside one free text (their `n` counts its bytes)
 _ID = re.compile(r"[1-9]\d{0,5}")
 _TAG_START = frozenset(b"/_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")   # after `<`: a tag
