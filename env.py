@@ -61,7 +61,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from cli import field as flag
-from protocol_mask import TurnSpec
 from tasks import Task
 from tools import EXEC_ERR, OK, TIMEOUT, Pool, Reply
 
@@ -557,9 +556,11 @@ class Episode:
             return None
         return state
 
-    def turn_spec(self) -> TurnSpec:
-        """What the next turn may say without a PARSE_ERR (the protocol mask's input): this
-        pool's names, the ids so far and those with an OK result, the limits."""
+    def turn_spec(self):
+        """What the next turn may say without a PARSE_ERR (the protocol mask's input, a
+        protocol_mask.TurnSpec): this pool's names, the ids so far and those with an OK result,
+        the limits."""
+        from protocol_mask import TurnSpec   # deferred: scripted play never imports torch
         return TurnSpec.fit([c.name for c in self.pool.callees], list(self.history),
                             [k for k, r in self.history.items() if r.status == OK],
                             self.config.max_calls_per_turn, self.config.max_task_chars, self.config.max_turn_chars)

@@ -119,7 +119,7 @@ def test_infer_reports_episodes_that_outgrow_the_room_as_truncated(checkpoint, c
     import json
     import infer
     assert infer.main(["--eval", "--policy", str(checkpoint), "--n", "3", "--max-new-tokens", "200",
-                       "--max-suffix-len", "64", "--device", "cpu", "--json"]) == 0
+                       "--max-suffix-len", "64", "--device", "cpu", "--json", "--no-mask"]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out)  # stdout is the JSON object alone; progress went to stderr
     assert summary["truncated"] == 1.0 and summary["success"] == 0.0
