@@ -131,8 +131,7 @@ def test_grpo_runs_end_to_end_and_resumes(tmp_path):
     (tmp_path / "sft" / "latest").symlink_to(ckpt)  # the default start, as sft.py leaves it
     args = [sys.executable, str(root / "grpo.py"), "--runs-dir", str(tmp_path), "--name", "g",
             "--prompts", "2", "--group", "3", "--max-new-tokens", "24", "--max-turns", "2", "--eval-n", "2",
-            "--eval-every", "0", "--ckpt-every", "1", "--kl-coef", "0.05",
-            "--no-eval-mask"]   # under the mask an untrained model fills every turn of 10: minutes
+            "--eval-every", "0", "--ckpt-every", "1", "--kl-coef", "0.05"]
     out = subprocess.run(args + ["--steps", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "g" / "metrics.jsonl").read_text().splitlines()]
