@@ -25,10 +25,21 @@ converted SmolLM2-135M on oracle episodes, in LEARNED tokens per second (the ass
 the loss covers), under each setting of SFT_SETTINGS (sft.py flags), interleaved in one run:
 
     python bench.py --sft                       today's recipe (--freeze-layers 20) against LoRA
+
+`--mask` times a decode step with and without the protocol mask (protocol_mask.py): G
+branches of one prompt sample --new-tokens tokens at temperature 1 (no stop token, so every
+branch takes every step), the unmasked engine against the engine with one TurnMask per branch
+(the pool names of a seen-pool draw, SmolLM2's 49k vocabulary from --mask-tokenizer),
+interleaved; the mask's compile cache is warmed by one run first, whose time is reported
+apart. Also reported: the mask's own work per step, timed directly (`mask_ms`, `mask_share` of
+an unmasked step), which is steadier on a shared machine than the end-to-end difference:
+
+    python bench.py --mask --presets smollm2-135m --prefix-lens 400 --branches 16
 """
 import dataclasses
 import json
 import os
+import random
 import sys
 import time
 
@@ -37,6 +48,10 @@ import torch
 import cli
 import model as M
 from policy import Engine, SamplingParams
+from protocol_mask import ProtocolMask, TurnSpec
+from tasks import world_for_split
+from tokenizer import Tokenizer
+from tools import load_pool
 
 
 @dataclasses.dataclass
@@ -76,6 +91,9 @@ class BenchConfig:
     sft_shared: list[int] = cli.field([], "instead: learned tokens/s of a SmolLM2-135M SFT step (the README recipe), "
                                       "plain pass against the shared prompt, on episodes drawn this many per pool "
                                       "draw (one comparison per value)", "sft")
+    mask: bool = cli.field(False, "instead: time a decode step with and without the protocol mask", "mask")
+    mask_tokenizer: str = cli.field("checkpoints/smollm2-135m-instruct", "checkpoint folder whose tokenizer the "
+                                    "--mask benchmark compiles the mask against", "mask")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
 
@@ -174,6 +192,8 @@ def validate(cfg: BenchConfig) -> None:
     for flag, values, known in (("modes", cfg.modes, MODES), ("presets", cfg.presets, tuple(M.PRESETS))):
         unknown = [v for v in values if v not in known]
         cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
+    cli.check(not cfg.mask or os.path.isfile(os.path.join(cfg.mask_tokenizer, "tokenizer.json")),
+              f"--mask-tokenizer {cfg.mask_tokenizer}: no tokenizer.json there (python convert_gguf.py writes SmolLM2's)")
     cli.check(min(cfg.append_lens, default=1) >= 1, f"--append-lens must be lengths of at least 1 (got {cfg.append_lens})")
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
@@ -205,6 +225,8 @@ def main(argv=None):
         return bench_train(cfg, torch.float32)  # training's weights are fp32 (train.autocast), on CUDA too
     if cfg.sft:
         return bench_sft(cfg)
+    if cfg.mask:
+        return bench_mask(cfg, dtype)
     limits = machine_limits(cfg.device, dtype)
     print(f"machine: {limits}, dtype {dtype}, threads {torch.get_num_threads()}", file=sys.stderr)
     try:
@@ -282,6 +304,92 @@ def bench_tokens(cfg) -> int:
     table = [{"part of an episode": k, "tokens, mean": v / len(rows), "share": v / total} for k, v in parts.items()]
     markdown_table(table + [{"part of an episode": "total", "tokens, mean": total / len(rows)}],
                    [("part of an episode", "{}"), ("tokens, mean", "{:.0f}"), ("share", "{:.0%}")])
+    return 0
+
+
+class Timed:
+    """A TurnMask whose calls add their seconds to `total[0]`."""
+
+    def __init__(self, turn, total):
+        self.turn, self.total = turn, total
+
+    def mask(self, left):
+        t = time.perf_counter()
+        out = self.turn.mask(left)
+        self.total[0] += time.perf_counter() - t
+        return out
+
+    def advance(self, token):
+        t = time.perf_counter()
+        self.turn.advance(token)
+        self.total[0] += time.perf_counter() - t
+
+
+def bench_mask(cfg, dtype) -> int:
+    """Seconds per decode step, unmasked and masked, same model, prompt and G, in one run; and
+    the mask's own work per step timed directly (its calls, plus stacking G rows and filling
+    the logits), which a shared machine's noise hides in the end-to-end ratio."""
+    tokenizer = Tokenizer.load(cfg.mask_tokenizer)
+    t0 = time.perf_counter()
+    mask = ProtocolMask(tokenizer, cfg.device)
+    build = time.perf_counter() - t0
+    pool = load_pool("seen", world_for_split("train"), random.Random(cfg.seed))
+    spec = TurnSpec.fit([c.name for c in pool.callees], [], [], 16, 1000, 8000)
+    params = SamplingParams(temperature=1.0, max_new_tokens=cfg.new_tokens)
+    rows = []
+    for preset in cfg.presets:
+        config = M.preset_config(preset, vocab_size=tokenizer.vocab_size)
+        model = M.build_model(config, cfg.device, dtype, seed=cfg.seed).eval()
+        for P in cfg.prefix_lens:
+            prompt = torch.randint(0, config.vocab_size, (P,), device=cfg.device).tolist()
+            for G in cfg.branches:
+                inside = [0.0]   # seconds spent in the mask's own calls (automaton, mask lookup or build)
+
+                def run(masked, seed):
+                    generator = torch.Generator(cfg.device).manual_seed(seed)
+                    engine = Engine(model, [prompt], G, cfg.new_tokens + 1)
+                    constraints = {b: Timed(mask.start(spec), inside) for b in range(G)} if masked else None
+                    sync(cfg.device)
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        out = engine.generate(params, generator=generator, constraints=constraints)
+                    sync(cfg.device)
+                    assert all(len(c.token_ids) == cfg.new_tokens for c in out)
+                    return (time.perf_counter() - t) / cfg.new_tokens
+                mask.clear()
+                cold = run(True, cfg.seed)   # compiles the states these turns visit
+                best = {False: float("inf"), True: float("inf")}
+                inside[0] = 0.0
+                for r in range(cfg.repeats):
+                    for masked in (False, True):
+                        best[masked] = min(best[masked], run(masked, cfg.seed))
+                # the engine's share: stacking G rows and filling the logits, timed apart
+                rows_ = [mask.mask(0)] * G
+                logits = torch.randn(G, config.vocab_size, device=cfg.device)
+                sync(cfg.device)
+                t = time.perf_counter()
+                for _ in range(100):
+                    logits.masked_fill(~torch.stack(rows_), float("-inf"))
+                sync(cfg.device)
+                fill = (time.perf_counter() - t) / 100
+                own = inside[0] / (cfg.repeats * cfg.new_tokens) + fill
+                row = {"preset": preset, "P": P, "G": G, "step_ms": best[False] * 1e3,
+                       "masked_step_ms": best[True] * 1e3, "mask_cost": best[True] / best[False] - 1,
+                       "mask_ms": own * 1e3, "mask_share": own / best[False],
+                       "cold_step_ms": cold * 1e3, "compiled_states": len(mask.tables), "build_s": build}
+                rows.append(row)
+                print(f"{preset} P={P} G={G}: {row['step_ms']:.1f} ms/step unmasked, "
+                      f"{row['masked_step_ms']:.1f} masked ({100 * row['mask_cost']:+.1f}%); the mask's own work "
+                      f"{row['mask_ms']:.2f} ms/step ({100 * row['mask_share']:.1f}% of a step)", file=sys.stderr)
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+    else:
+        print(f"decode step with and without the protocol mask, {cfg.new_tokens} steps at temperature 1, "
+              f"fastest of {cfg.repeats}; mask built in {build:.1f}s")
+        markdown_table(rows, [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("step_ms", "{:.1f}"),
+                              ("masked_step_ms", "{:.1f}"), ("mask_cost", "{:+.3f}"), ("mask_ms", "{:.2f}"),
+                              ("mask_share", "{:.3f}"), ("cold_step_ms", "{:.1f}"),
+                              ("compiled_states", "{}")])
     return 0
 
 

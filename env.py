@@ -675,6 +675,15 @@ class Episode:
             return None
         return state
 
+    def turn_spec(self):
+        """What the next turn may say without a PARSE_ERR (the protocol mask's input, a
+        protocol_mask.TurnSpec): this pool's names, the ids so far and those with an OK result,
+        the limits."""
+        from protocol_mask import TurnSpec   # deferred: scripted play never imports torch
+        return TurnSpec.fit([c.name for c in self.pool.callees], list(self.history),
+                            [k for k, r in self.history.items() if r.status == OK],
+                            self.config.max_calls_per_turn, self.config.max_task_chars, self.config.max_turn_chars)
+
     def truncate(self, reason: str) -> None:
         """End the episode without an answer because the policy cannot go on (e.g. its context
         is full): scored as unanswered, and counted apart in results as truncated."""

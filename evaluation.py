@@ -57,12 +57,13 @@ def latest_checkpoint(runs_dir: str = "runs") -> str | None:
 
 def play_episodes(policy, episodes: list[Episode], indices: list[int], device: str = "auto",
                   temperature: float = 0.0, max_new_tokens: int = 256, seed: int = 0, batch: int = 16,
-                  max_suffix_len: int = 2048, quiet: bool = False) -> None:
+                  max_suffix_len: int = 2048, quiet: bool = False, mask: bool = True) -> None:
     """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
     them); a checkpoint folder (or an already loaded policy.Policy) plays `batch` episodes at a
     time on one engine (policy.play_batch: all unfinished episodes decode together, identical
     prompts share KV; an episode longer than `max_suffix_len` tokens ends as truncated).
-    Checkpoint play reports its progress on stderr, a line per turn, unless `quiet`."""
+    Checkpoint play reports its progress on stderr, a line per turn, unless `quiet`; it decodes
+    under the protocol mask unless `mask` is False."""
     if isinstance(policy, str) and not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
             play(episode, scripted_policy(policy, episode.task, index))
@@ -84,7 +85,8 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
             done = k + min(batch, len(episodes) - k) - active
             print(f"play: episodes {done}/{len(episodes)} done, turn {turn} of this batch, {tokens} tokens, "
                   f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
-        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress)
+        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress,
+                   mask=mask)
 
 
 # ---------------------------------------------------------------- pools
@@ -106,7 +108,7 @@ def pool_for_episode(pool: str, world, seed, index: int):
 def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
              max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False,
-             tasks: list | None = None) -> dict:
+             tasks: list | None = None, mask: bool = True) -> dict:
     """n tasks of `split` (or the first n of `tasks`, e.g. a JSONL dataset's, whose callees see
     the split's default world, as a free-text query's do), played and summarized."""
     source = split if tasks is None else tasks[0].split     # a dataset's tasks carry its path
@@ -117,7 +119,7 @@ def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvCo
                         env_config, reward_config, seed=f"{seed}:{i}")
                 for i, task in enumerate(tasks)]
     play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len,
-                  quiet)
+                  quiet, mask)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     name = policy if isinstance(policy, str) else "model"

@@ -22,6 +22,11 @@ Design choices, and why:
   truncated episodes are masked out or kept with their (penalized) reward (--truncated).
   Groups with zero reward variance carry no signal (their advantages are 0) and are dropped
   from the training pass by default (--drop-zero-variance), but always counted.
+- Rollouts decode under the protocol mask (protocol_mask.py; --no-mask turns it off), and the
+  training pass takes each generated token's log-prob over the tokens its mask allowed (the
+  mask id the engine recorded per token), for the policy and the KL reference alike: the
+  importance ratio compares the distribution that sampled, not the unmasked one. The protocol
+  reward stays, so that the model also learns the format it would need without the mask.
 - --serial-only sets the environment's max_calls_per_turn to 1: a second call in a turn is a
   PARSE_ERR, the protocol's own way of refusing an action, so the reward's protocol term
   penalizes it and the call is not run (a reward-only penalty would still let parallel calls
@@ -69,6 +74,8 @@ class GRPOOptions:
     failure_rate_max: float = cli.field(0.2, "each prompt's injected failure rate is drawn in [0, this]", "rollout")
     pool: str = cli.field("seen", "pool (family) of the rollouts", "rollout")
     serial_only: bool = cli.field(False, "ablation: one call per turn (a second call is PARSE_ERR)", "rollout")
+    mask: bool = cli.field(True, "protocol-constrained decoding in the rollouts, and the same mask in the "
+                           "training pass's log-probs", "rollout")
     std_normalize: bool = cli.field(False, "divide advantages by their group's std", "loss")
     clip_low: float = cli.field(0.2, "lower clip of the importance ratio (1 - clip_low)", "loss")
     clip_high: float = cli.field(0.28, "upper clip of the importance ratio (1 + clip_high)", "loss")
@@ -104,6 +111,7 @@ class Rollout:
     reward: float
     prompt_len: int = 0     # the prompt's tokens: ids[:prompt_len], shared by the episode's group
     advantage: float = 0.0
+    mask_ids: list[int] | None = None   # aligned with ids[1:]: the protocol mask each token was sampled under (-1: none)
 
 
 def rollout_step(policy: Policy, config, step: int, generator,
@@ -126,8 +134,10 @@ def rollout_step(policy: Policy, config, step: int, generator,
             episodes.append(Episode(task, pool, episode_env, reward_config, seed=f"grpo:{index}:{g}"))
     t = time.time()
     params = policy.chat_params(config.temperature, max_new_tokens=config.max_new_tokens)
+    if config.mask:   # the last step's mask ids are spent: drop its compiled states
+        policy.protocol_mask.clear()
     with torch.no_grad():
-        engine, branch_of = play_batch(policy, episodes, params, config.max_suffix_len, generator)
+        engine, branch_of = play_batch(policy, episodes, params, config.max_suffix_len, generator, mask=config.mask)
     rollout_seconds = time.time() - t
     results = [e.result() for e in episodes]
     for k in range(0, len(results), config.group):
@@ -142,7 +152,8 @@ def rollout_step(policy: Policy, config, step: int, generator,
         ids = prompt + tokens
         mask = [0] * (len(prompt) - 1) + [int(x) for x in learn]
         logp_old = [0.0] * (len(prompt) - 1) + [lp if lp is not None else 0.0 for lp in logps]
-        rollouts.append(Rollout(ids, mask, logp_old, result.reward, len(prompt)))
+        mask_ids = [-1] * (len(prompt) - 1) + engine.mask_ids[b] if config.mask else None
+        rollouts.append(Rollout(ids, mask, logp_old, result.reward, len(prompt), mask_ids=mask_ids))
     generated = sum(sum(1 for lp in engine.logprobs[b] if lp is not None) for b in branch_of)
     stats = {"rollout_seconds": rollout_seconds, "generated_tokens": generated,
              "rollout_tokens_per_s": generated / max(rollout_seconds, 1e-9)}
@@ -151,18 +162,32 @@ def rollout_step(policy: Policy, config, step: int, generator,
 
 # ---------------------------------------------------------------- the training pass
 
-def sequence_logprobs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, ids: torch.Tensor, allowed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each next token [B, T-1] (with grad) and the entropy of each next-token
     distribution [B, T-1] (no grad)."""
-    return logprobs_and_entropy(model(ids[:, :-1]), ids[:, 1:])
+    return logprobs_and_entropy(model(ids[:, :-1]), ids[:, 1:], allowed)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target under its logits (with grad), and each distribution's entropy (no grad)."""
-    logp_all = torch.log_softmax(logits.float(), -1)
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, allowed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target under its logits (with grad), and each distribution's entropy (no
+    grad). `allowed` (bool [..., V], or None): the distribution is renormalized over these tokens."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp_all = torch.log_softmax(logits, -1)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = torch.special.entr(logp_all.exp()).sum(-1)
     return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy
+
+
+def allowed_rows(masks, rows: list[list[int] | None], width: int, device):
+    """bool [B, width, V] of the tokens each position's protocol mask allowed (every token where a
+    rollout has no mask id, -1), or None when no position of the batch was masked."""
+    if masks is None or all(r is None or max(r, default=-1) < 0 for r in rows):
+        return None
+    ids = _pad([(r if r is not None else [])[:width] for r in rows], -1, torch.long, "cpu")
+    ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=-1)
+    return masks.rows(ids).to(device)
 
 
 def _pad(rows: list[list], value, dtype, device) -> torch.Tensor:
@@ -184,17 +209,19 @@ def micro_batches(rollouts: list[Rollout], budget: int, skip: int = 0, spread: f
     return out + ([batch] if batch else [])
 
 
-def plain_passes(model, reference, rollouts: list[Rollout], budget: int, device):
+def plain_passes(model, reference, rollouts: list[Rollout], budget: int, device, masks=None):
     """Each episode in full, in micro-batches of similar lengths. Yields (episodes, mask,
-    old log-probs, logprobs(m) -> (log-probs, entropies) [B, T-1], tokens run)."""
+    old log-probs, logprobs(m) -> (log-probs, entropies) [B, T-1], tokens run). With `masks`
+    (a protocol_mask.ProtocolMask), log-probs are over the tokens each position's mask allowed."""
     for batch in micro_batches(rollouts, budget):
         ids = _pad([r.ids for r in batch], 0, torch.long, device)
+        allowed = allowed_rows(masks, [r.mask_ids for r in batch], ids.shape[1] - 1, device)
         yield (batch, _pad([r.mask for r in batch], 0, torch.float32, device),
                _pad([r.logp_old for r in batch], 0.0, torch.float32, device),
-               lambda m, ids=ids: sequence_logprobs(m, ids), ids.numel())
+               lambda m, ids=ids, allowed=allowed: sequence_logprobs(m, ids, allowed), ids.numel())
 
 
-def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device):
+def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device, masks=None):
     """The episodes of each prompt: the prompt (less its last token) runs ONCE (policy.prefix_kv);
     the rest of each episode attends to its K/V (policy.suffix_logits), in micro-batches of
     similar suffix lengths, so that neither padding nor memory grows with the group. The
@@ -207,7 +234,7 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
     for group in groups.values():
         P = group[0].prompt_len - 1
         if P < 1:   # nothing to share
-            yield from plain_passes(model, reference, group, budget, device)
+            yield from plain_passes(model, reference, group, budget, device, masks)
             continue
         kv, lengths = prefix_kv(model, [group[0].ids[:P]])
         # a frozen layer's K/V needs no gradient (--freeze-layers): its leaf asks for none
@@ -219,10 +246,12 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
         for n, batch in enumerate(micro_batches(group, budget, skip=P)):
             suffixes = [r.ids[P:] for r in batch]
             ids = _pad(suffixes, 0, torch.long, device)
+            allowed = allowed_rows(masks, [r.mask_ids[P:] if r.mask_ids is not None else None for r in batch],
+                                   ids.shape[1] - 1, device)
 
-            def logprobs(m, suffixes=suffixes, ids=ids):
+            def logprobs(m, suffixes=suffixes, ids=ids, allowed=allowed):
                 logits = suffix_logits(m, kv_of[id(m)], lengths, suffixes, [0] * len(suffixes))
-                return logprobs_and_entropy(logits[:, :-1], ids[:, 1:])
+                return logprobs_and_entropy(logits[:, :-1], ids[:, 1:], allowed)
             yield (batch, _pad([r.mask[P:] for r in batch], 0, torch.float32, device),
                    _pad([r.logp_old[P:] for r in batch], 0.0, torch.float32, device), logprobs,
                    ids.numel() + (P if n == 0 else 0))
@@ -233,11 +262,12 @@ def shared_passes(model, reference, rollouts: list[Rollout], budget: int, device
 
 
 def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: float, device,
-             world=dataparallel.World(), trainable=None) -> dict:
+             world=dataparallel.World(), trainable=None, masks=None) -> dict:
     """One optimizer step on the rollouts (gradient accumulated over micro-batches): each
     episode in full, or (--shared-prefix-train) each group's prompt once (shared_passes).
     Under torchrun, `rollouts` are this rank's; the loss is normalized by the whole batch's.
-    `trainable`: what the optimizer updates, if not the model itself (its LoRA adapter)."""
+    `trainable`: what the optimizer updates, if not the model itself (its LoRA adapter).
+    `masks`: the protocol_mask.ProtocolMask the rollouts' mask ids belong to (None: no mask)."""
     total_tokens, episodes = map(int, world.sum(sum(sum(r.mask) for r in rollouts), len(rollouts)))
     sums = {"clip_fraction": 0.0, "kl": 0.0, "ratio": 0.0, "entropy": 0.0, "loss": 0.0}
     trained_tokens = 0
@@ -247,7 +277,7 @@ def train_on(model, reference, optimizer, rollouts: list[Rollout], config, lr: f
     # update's ratio is off 1 by bf16's roundoff, well inside the clip range.
     with train.autocast(config.precision, device):
         for batch, mask, logp_old, logprobs, tokens in passes(model, reference, rollouts, config.micro_batch_tokens,
-                                                              device):
+                                                              device, masks):
             adv = torch.tensor([r.advantage for r in batch], dtype=torch.float32, device=device)
             logp, entropy = logprobs(model)
             logp_ref = None
@@ -380,7 +410,8 @@ def run(config, world=dataparallel.World()) -> int:
         tstats = {}
         trained, = world.sum(len(keep))
         for _ in range(config.updates_per_batch if trained else 0):
-            tstats = train_on(model, reference, optimizer, keep, config, lr, device, world=world, trainable=trainable)
+            tstats = train_on(model, reference, optimizer, keep, config, lr, device, world=world, trainable=trainable,
+                              masks=policy.protocol_mask if config.mask else None)
         train_seconds = time.time() - t1
         step += 1
         results, flat, rstats = all_ranks(world, results, flat, rstats)

@@ -16,6 +16,8 @@ Design choices, and why:
   (runs/grpo/latest, then runs/sft/latest) plays. A scripted policy needs a subtask graph, so it
   plays a query only in one of the built-in question forms (tasks.task_from_question), on the
   split's reference world.
+- Checkpoint policies decode under the protocol mask (protocol_mask.py): every turn they write
+  parses. `--no-mask` measures the format a model learned on its own.
 - `--eval` without --policy (or `--table`) prints the results table. Trained rows come from
   every run folder in runs/sft and runs/grpo (its last checkpoint), or --checkpoints; runs
   whose configs differ only in seed and name are one row, with the spread over their seeds.
@@ -65,6 +67,8 @@ class InferOptions:
     temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
     max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
     batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine", "run")
+    mask: bool = cli.field(True, "checkpoint policies decode under the protocol mask (every turn parses; "
+                           "--no-mask: unconstrained, to measure the format the model learned)", "run")
     max_suffix_len: int = cli.field(2048, "tokens a checkpoint policy's episode may add after its prompt; "
                                     "a longer episode ends as truncated", "run")
     failure_rates: list[float] = cli.field([0.0, 0.2], "the table's injected failure rates", "table")
@@ -127,7 +131,7 @@ def table(config, env_config: EnvConfig, reward_config: RewardConfig) -> None:
             def run(policy):
                 return evaluate(policy, pool, config.split, config.n, config.seed, env, reward_config, config.device,
                                 config.temperature, config.max_new_tokens, config.batch_episodes,
-                                config.max_suffix_len, quiet=True)
+                                config.max_suffix_len, quiet=True, mask=config.mask)
             for policy in SCRIPTED:
                 rows.append(run(policy) | {"failure_rate": rate})
                 print(f"table: {policy} on {pool} pools, failure rate {rate}: success {rows[-1]['success']:.3f}",
@@ -325,7 +329,7 @@ def run_episode(config, policy: str, task: Task, world, env_config, reward_confi
     if not config.json:
         print(f"policy: {policy}")
     play_episodes(policy, [episode], [config.task_index], config.device, config.temperature,
-                  config.max_new_tokens, config.seed, max_suffix_len=config.max_suffix_len)
+                  config.max_new_tokens, config.seed, max_suffix_len=config.max_suffix_len, mask=config.mask)
     print(json.dumps(trace_json(episode) | {"policy": policy}) if config.json else "", end="\n" if config.json else "")
     if not config.json:
         print_trace(episode)
@@ -342,7 +346,7 @@ def run(config) -> int:
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
                            config.batch_episodes, config.max_suffix_len,
-                           tasks=dataset)
+                           tasks=dataset, mask=config.mask)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)

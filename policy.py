@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import lora
 import prefix_attn
 from model import Transformer, plain_causal_attention
+from protocol_mask import ProtocolMask
 from tokenizer import Tokenizer
 
 
@@ -120,6 +121,8 @@ class Engine:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float | None]] = [[] for _ in range(n)]
         self.unfed: list[list[int]] = [[] for _ in range(n)]  # sampled, not yet in the KV cache
+        # per token: the id of the mask it was sampled under (-1: none, or an appended token)
+        self.mask_ids: list[list[int]] = [[] for _ in range(n)]
         self.prefill_seconds = 0.0
         # One slot past max_suffix_len takes the K/V of padding tokens, so they never land on
         # a real token's slot; no real query reaches it.
@@ -282,13 +285,17 @@ class Engine:
         for b, t in branch_tokens.items():
             self.tokens[b] += list(t)
             self.logprobs[b] += [None] * len(t)
+            self.mask_ids[b] += [-1] * len(t)
             self.unfed[b] = []
 
     def generate(self, params: SamplingParams, branches=None, generator=None,
-                 max_new_tokens: dict[int, int] | None = None) -> list[Completion]:
+                 max_new_tokens: dict[int, int] | None = None, constraints: dict | None = None) -> list[Completion]:
         """Decode the given branches (default: all) until each hits a stop condition.
 
         `max_new_tokens` overrides `params.max_new_tokens` for the branches it names.
+        `constraints` maps a branch to an object with `mask(left) -> (mask id, bool [V])` and
+        `advance(token)` (protocol_mask.TurnMask): each step samples among the tokens its mask
+        allows, and the recorded log-prob is over those tokens (the distribution that sampled).
         """
         branches = list(range(self.num_branches)) if branches is None else list(branches)
         # A branch also stops where its suffix room ends: every token it generates has a slot
@@ -301,17 +308,32 @@ class Engine:
         tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
         new = {b: [] for b in branches}
         new_lp = {b: [] for b in branches}
+        new_mask = {b: [] for b in branches}
+        constraints = constraints or {}
         done = {b: "length" for b in branches if limit[b] <= 0}
         active = torch.tensor([b for b in branches if b not in done], dtype=torch.long, device=self.device)
         while len(active):
             logits = self.next_logits[active]
+            mask_ids = [-1] * len(active)
+            if constraints:
+                rows = []
+                for k, b in enumerate(active.tolist()):
+                    if b in constraints:
+                        mask_ids[k], row = constraints[b].mask(limit[b] - len(new[b]))
+                        rows.append(row)
+                    else:
+                        rows.append(torch.ones(logits.shape[-1], dtype=torch.bool, device=self.device))
+                logits = logits.masked_fill(~torch.stack(rows), float("-inf"))
             token = sample_tokens(logits, params.temperature, params.top_p, generator)
             logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
             is_stop = torch.isin(token, stop_ids)
             keep = []
-            for b, t, lp, stop in zip(active.tolist(), token.tolist(), logprob.tolist(), is_stop.tolist()):
+            for b, t, lp, stop, mid in zip(active.tolist(), token.tolist(), logprob.tolist(), is_stop.tolist(), mask_ids):
                 new[b].append(t)
                 new_lp[b].append(lp)
+                new_mask[b].append(mid)
+                if b in constraints:
+                    constraints[b].advance(t)
                 if stop:
                     done[b] = "stop_token"
                 elif tail and any(s in self.decode(new[b][-tail:]) for s in params.stop_strings):
@@ -330,6 +352,7 @@ class Engine:
         for b in branches:
             self.tokens[b] += new[b]
             self.logprobs[b] += new_lp[b]
+            self.mask_ids[b] += new_mask[b]
         return [Completion(b, new[b], new_lp[b], done[b]) for b in branches]
 
 
@@ -468,6 +491,16 @@ class Policy:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self._protocol_mask = None
+
+    @property
+    def protocol_mask(self) -> ProtocolMask:
+        """The protocol automaton compiled against this tokenizer (built on first use, a few
+        seconds for a 49k vocabulary; its caches live as long as the policy)."""
+        if self._protocol_mask is None:
+            self._protocol_mask = ProtocolMask(self.tokenizer, self.model.output_weight().device,
+                                               vocab_size=self.model.config.vocab_size)
+        return self._protocol_mask
 
     @classmethod
     def load(cls, path, device="cpu", dtype=None) -> "Policy":
@@ -518,7 +551,7 @@ class Policy:
 
 
 def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffix_len: int = 2048,
-               generator=None, min_turn_room: int = 32, on_turn=None) -> tuple[Engine, list[int]]:
+               generator=None, min_turn_room: int = 32, on_turn=None, mask: bool = True) -> tuple[Engine, list[int]]:
     """Drive several episodes to the end at once, one engine branch per episode.
 
     An episode is anything with `messages` (the conversation so far), `step(text, n_tokens)`
@@ -534,9 +567,14 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     would not leave the next turn `min_turn_room` tokens. `on_turn(turn, active, new_tokens)`,
     if given, is called after each turn (progress reports).
 
+    With `mask` (the default), an episode that has `turn_spec()` (env.Episode) decodes each turn
+    under the protocol mask (protocol_mask.py): every turn it samples is one the environment
+    parses without a PARSE_ERR, and it ends within the turn's token limit.
+
     Returns the engine and each episode's branch: `engine.tokens[b]` is that episode's whole
     token history after its prompt, `engine.logprobs[b]` the log-probs of the generated tokens
-    (None for the appended state messages: the mask RL training needs).
+    (None for the appended state messages: the mask RL training needs), `engine.mask_ids[b]`
+    the protocol mask each token was sampled under (-1: none).
     """
     groups: dict[tuple, list[int]] = {}
     for i, episode in enumerate(episodes):
@@ -554,7 +592,11 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     turn = 0
     while active:
         states = {}
-        completions = engine.generate(params, branches=active, generator=generator)
+        constraints = None
+        if mask:
+            constraints = {b: policy.protocol_mask.start(episodes[order[b]].turn_spec()) for b in active
+                           if hasattr(episodes[order[b]], "turn_spec")}
+        completions = engine.generate(params, branches=active, generator=generator, constraints=constraints)
         for c in completions:
             episode = episodes[order[c.branch]]
             if c.stop_reason == "length" and len(c.token_ids) < params.max_new_tokens:

@@ -66,6 +66,8 @@ class TrainConfig:
     eval_n: int = cli.field(64, "tasks per periodic evaluation (0: no evaluation)", "eval")
     eval_split: str = cli.field("heldout", "split of the periodic evaluation", "eval")
     eval_pool: str = cli.field("seen", "pool of the periodic evaluation", "eval")
+    eval_mask: bool = cli.field(True, "the periodic evaluation decodes under the protocol mask (--no-eval-mask: "
+                                "unconstrained, so its protocol score is the format the model learned)", "eval")
     eval_seed: int = cli.field(0, "seed of the periodic evaluation's tasks and pool draws (not --seed: runs of "
                                "every training seed are compared on the same tasks)", "eval")
 
@@ -387,7 +389,7 @@ class Metrics:
 # ---------------------------------------------------------------- evaluation
 
 def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config=None,
-                    reward_config=None, batch: int = 32) -> dict:
+                    reward_config=None, batch: int = 32, mask: bool = True) -> dict:
     """Greedy evaluation of an in-memory policy.Policy through the real environment, on the
     same tasks and pool draws as `python infer.py --eval`."""
     was_training = policy.model.training
@@ -395,7 +397,7 @@ def evaluate_policy(policy, split: str, pool: str, n: int, seed: int, env_config
     try:
         with torch.no_grad():
             return evaluate(policy, pool, split, n, seed, env_config or EnvConfig(),
-                            reward_config or RewardConfig(), batch=batch, quiet=True)
+                            reward_config or RewardConfig(), batch=batch, quiet=True, mask=mask)
     finally:
         policy.model.train(was_training)
 
@@ -412,7 +414,8 @@ def periodic_eval(policy, config, step: int) -> dict:
     if config.eval_n == 0:
         return {}
     start = time.time()
-    s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.eval_seed)
+    s = evaluate_policy(policy, config.eval_split, config.eval_pool, config.eval_n, config.eval_seed,
+                        mask=config.eval_mask)
     row = {f"eval_{k}": s[k] for k in ("success", "protocol", "rounds", "latency", "cost", "reward")}
     row["eval_seconds"] = time.time() - start
     print(f"eval step {step}: success {s['success']:.3f} protocol {s['protocol']:.3f} rounds {s['rounds']:.2f} "

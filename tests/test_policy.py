@@ -74,7 +74,7 @@ def test_play_batch_equals_playing_each_episode_alone(checkpoint, max_new):
     # Episodes 0 and 1 open identically (same task, pool, seed): one prefix group, two branches.
     plan = [(0, 0), (0, 0), (1, 1), (2, 2), (3, 3)]
     batched, alone = make_episodes(plan), make_episodes(plan)
-    engine, branch_of = play_batch(policy, batched, policy.chat_params(0.0, max_new_tokens=max_new))
+    engine, branch_of = play_batch(policy, batched, policy.chat_params(0.0, max_new_tokens=max_new), mask=False)
     assert engine.prefix_k.shape[1] == 4 and branch_of[0] != branch_of[1]
     for episode in alone:
         play_alone(policy, episode, max_new)
@@ -91,7 +91,7 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     import json
     import infer
     assert infer.main(["--eval", "--policy", str(checkpoint), "--n", "2", "--max-new-tokens", "12",
-                       "--max-turns", "2", "--device", "cpu", "--json"]) == 0
+                       "--max-turns", "2", "--device", "cpu", "--json", "--no-mask"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 2 and summary["success"] == 0.0 and summary["protocol"] == 0.0
     assert summary["reward_terms"]["protocol"] < 0
@@ -119,7 +119,7 @@ def test_infer_reports_episodes_that_outgrow_the_room_as_truncated(checkpoint, c
     import json
     import infer
     assert infer.main(["--eval", "--policy", str(checkpoint), "--n", "3", "--max-new-tokens", "200",
-                       "--max-suffix-len", "64", "--device", "cpu", "--json"]) == 0
+                       "--max-suffix-len", "64", "--device", "cpu", "--json", "--no-mask"]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out)  # stdout is the JSON object alone; progress went to stderr
     assert summary["truncated"] == 1.0 and summary["success"] == 0.0
@@ -152,7 +152,7 @@ def test_episodes_that_outgrow_the_room_end_truncated(checkpoint, max_new, round
     policy = Policy.load(checkpoint)
     episodes = make_episodes([(0, 0), (1, 1), (1, 1)], max_turns=10)
     engine, branch_of = play_batch(policy, episodes, policy.chat_params(0.0, max_new_tokens=max_new),
-                                   max_suffix_len=64)
+                                   max_suffix_len=64, mask=False)
     for episode, b in zip(episodes, branch_of):
         result = episode.result()
         assert episode.done and result.truncated and result.answer is None and not result.success
