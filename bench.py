@@ -381,16 +381,13 @@ def bench_mask(cfg, dtype) -> int:
                 print(f"{preset} P={P} G={G}: {row['step_ms']:.1f} ms/step unmasked, "
                       f"{row['masked_step_ms']:.1f} masked ({100 * row['mask_cost']:+.1f}%); the mask's own work "
                       f"{row['mask_ms']:.2f} ms/step ({100 * row['mask_share']:.1f}% of a step)", file=sys.stderr)
-    if cfg.json:
-        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
-    else:
-        print(f"decode step with and without the protocol mask, {cfg.new_tokens} steps at temperature 1, "
-              f"fastest of {cfg.repeats}; mask built in {build:.1f}s")
-        markdown_table(rows, [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("step_ms", "{:.1f}"),
-                              ("masked_step_ms", "{:.1f}"), ("mask_cost", "{:+.3f}"), ("mask_ms", "{:.2f}"),
-                              ("mask_share", "{:.3f}"), ("cold_step_ms", "{:.1f}"),
-                              ("compiled_states", "{}")])
-    return 0
+    return report(cfg, rows,
+                  f"decode step with and without the protocol mask, {cfg.new_tokens} steps at temperature 1, "
+                  f"fastest of {cfg.repeats}; mask built in {build:.1f}s",
+                  [("preset", "{}"), ("P", "{}"), ("G", "{}"), ("step_ms", "{:.1f}"),
+                   ("masked_step_ms", "{:.1f}"), ("mask_cost", "{:+.3f}"), ("mask_ms", "{:.2f}"),
+                   ("mask_share", "{:.3f}"), ("cold_step_ms", "{:.1f}"),
+                   ("compiled_states", "{}")])
 
 
 def bench_append(cfg, dtype) -> int:
@@ -521,15 +518,12 @@ def bench_train(cfg, dtype) -> int:
                     for row in (plain, shared):
                         f.write(json.dumps({"device": cfg.device, **row}) + "\n")
         del model
-    if cfg.json:
-        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
-        return 0
-    print(f"device {cfg.device}, dtype {dtype}, threads {torch.get_num_threads()}; GRPO training step "
-          f"(forward + backward + AdamW), prompts ~{cfg.train_prompt_len} tokens, suffixes ~{cfg.train_suffix_len}")
-    markdown_table(rows, [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"),
-                          ("mode", "{}"), ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"),
-                          ("peak_mb", "{:.0f}"), ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")])
-    return 0
+    return report(cfg, rows,
+                  f"device {cfg.device}, dtype {dtype}, threads {torch.get_num_threads()}; GRPO training step "
+                  f"(forward + backward + AdamW), prompts ~{cfg.train_prompt_len} tokens, suffixes ~{cfg.train_suffix_len}",
+                  [("preset", "{}"), ("G", "{}"), ("groups", "{}"), ("episode_tokens", "{}"),
+                   ("mode", "{}"), ("seconds", "{:.2f}"), ("train_tok_s", "{:.0f}"), ("saved_mb", "{:.0f}"),
+                   ("peak_mb", "{:.0f}"), ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")])
 
 
 # SFT settings: sft.py flags over its defaults. The first is the baseline of the ratios.
@@ -620,16 +614,13 @@ def bench_sft(cfg) -> int:
         row["x_baseline_cpu"] = row["learned_tok_cpu_s"] / rows[0]["learned_tok_cpu_s"]
         row["flags"] = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                 for k, v in SFT_SETTINGS[row["setting"]].items())
-    if cfg.json:
-        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
-        return 0
-    print(f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SFT step of {cfg.sft_init} "
-          f"({cfg.sft_steps} step(s) of <= {cfg.sft_batch_tokens} tokens, the fastest of {cfg.repeats} repeats)")
-    markdown_table(rows, [("setting", "{}"), ("flags", "{}"), ("tokens", "{}"), ("learned_tokens", "{}"),
-                          ("seconds", "{:.2f}"), ("tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"),
-                          ("x_baseline", "{:.2f}"), ("cpu_seconds", "{:.2f}"), ("learned_tok_cpu_s", "{:.1f}"),
-                          ("x_baseline_cpu", "{:.2f}")])
-    return 0
+    return report(cfg, rows,
+                  f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SFT step of {cfg.sft_init} "
+                  f"({cfg.sft_steps} step(s) of <= {cfg.sft_batch_tokens} tokens, the fastest of {cfg.repeats} repeats)",
+                  [("setting", "{}"), ("flags", "{}"), ("tokens", "{}"), ("learned_tokens", "{}"),
+                   ("seconds", "{:.2f}"), ("tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"),
+                   ("x_baseline", "{:.2f}"), ("cpu_seconds", "{:.2f}"), ("learned_tok_cpu_s", "{:.1f}"),
+                   ("x_baseline_cpu", "{:.2f}")])
 
 
 def bench_sft_shared(cfg, checkpoint="checkpoints/smollm2-135m-instruct", freeze=20, step_tokens=4096,
@@ -700,16 +691,13 @@ def bench_sft_shared(cfg, checkpoint="checkpoints/smollm2-135m-instruct", freeze
             with open(cfg.jsonl, "a") as f:
                 for row in rows[-2:]:
                     f.write(json.dumps({"device": cfg.device, **row}) + "\n")
-    if cfg.json:
-        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
-        return 0
-    print(f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SmolLM2-135M SFT step, {freeze} of 30 "
-          f"layers frozen, {step_tokens} padded tokens a step; K = episodes per pool draw (same episodes both ways)")
-    markdown_table(rows, [("K", "{}"), ("mode", "{}"), ("steps", "{}"), ("s_per_step", "{:.1f}"),
-                          ("episodes_per_step", "{:.1f}"), ("prompts_per_step", "{:.1f}"),
-                          ("learned_per_step", "{:.0f}"), ("run_per_step", "{:.0f}"),
-                          ("episode_tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"), ("x_plain", "{:.2f}")])
-    return 0
+    return report(cfg, rows,
+                  f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SmolLM2-135M SFT step, {freeze} of 30 "
+                  f"layers frozen, {step_tokens} padded tokens a step; K = episodes per pool draw (same episodes both ways)",
+                  [("K", "{}"), ("mode", "{}"), ("steps", "{}"), ("s_per_step", "{:.1f}"),
+                   ("episodes_per_step", "{:.1f}"), ("prompts_per_step", "{:.1f}"),
+                   ("learned_per_step", "{:.0f}"), ("run_per_step", "{:.0f}"),
+                   ("episode_tok_s", "{:.0f}"), ("learned_tok_s", "{:.1f}"), ("x_plain", "{:.2f}")])
 
 
 def add_ratios(rows):
@@ -736,6 +724,16 @@ def print_table(rows, limits, device):
             ("e2e_x_hf", "{:.2f}"), ("decode_x_hf", "{:.2f}"), ("e2e_x_copied", "{:.2f}"),
             ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}"), ("prefix_kv_frac_copied", "{:.3f}")]
     markdown_table(rows, cols)
+
+
+def report(cfg, rows: list[dict], title: str, cols: list[tuple[str, str]]) -> int:
+    """A benchmark's rows: JSON with --json, else its title line and a Markdown table."""
+    if cfg.json:
+        print(json.dumps({"device": cfg.device, "rows": rows}, indent=1))
+    else:
+        print(title)
+        markdown_table(rows, cols)
+    return 0
 
 
 def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
