@@ -181,7 +181,8 @@ def test_grpo_on_two_ranks_equals_one_process_on_their_rollouts_and_resumes(tmp_
              "--max-new-tokens", "24", "--max-turns", "2", "--eval-every", "0", "--eval-n", "0",
              "--ckpt-every", "1", "--lr", "0.01", "--warmup-steps", "1", "--seed", "3",
              "--no-drop-zero-variance",   # a step trains even when every group is flat (step 2 here)
-             "--freeze-layers", "1"]      # only some parameters train, as with adapters
+             "--freeze-layers", "1",      # only some parameters train, as with adapters
+             "--no-mask"]   # a mask id indexes its rank's own mask cache, which the one-process replay lacks
     record = tmp_path / "record"
     out = subprocess.run(_torchrun(ROOT / "tests" / "record_grpo.py", record, *flags, "--steps", "1"),
                          env=ENV, capture_output=True, text=True, timeout=300)
