@@ -352,7 +352,11 @@ def _sandbox_command(bwrap: str, prelude_args: str, tmp_bytes: int) -> list[str]
     arguments in order, so an interpreter that lives under /tmp (a venv or pyenv there) is bound
     on top of the empty tmpfs instead of being hidden by it."""
     exe = os.path.realpath(sys.executable)
-    paths = sysconfig.get_paths()
+    # the base installation's paths: a venv's own folders hold only site-packages, which the
+    # child (-I -S, the base interpreter) neither needs nor may see
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
+            "installed_base": sys.base_prefix, "installed_platbase": sys.base_exec_prefix}
+    paths = sysconfig.get_paths(vars=base)
     binds = [exe, paths["stdlib"], paths["platstdlib"]]
     libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
     if os.path.isfile(libpython):

@@ -299,12 +299,12 @@ def test_sandbox_works_from_a_venv_under_tmp(tmp_path_factory):
         f"sys.path.insert(0, {PROJECT_ROOT!r})\n"
         "from tools import PythonRunner\n"
         "r = PythonRunner('py', 'tool', 'runner', 0.0, 0.3, cpu_seconds=1, memory_mb=200, wall_seconds=5)\n"
-        "ok = r.run('print(6 * 7)', random.Random(0), 10)\n"
+        "ok = r.run('import os; print(6 * 7, len(os.listdir(\\'.\\')))', random.Random(0), 10)\n"
         f"spy = r.run({spy_code!r}, random.Random(0), 10)\n"
         "print(json.dumps([ok.status, ok.text, spy.status, spy.text]))\n")
     out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
                          timeout=120, cwd=str(venv))
     assert out.returncode == 0, out.stderr[-2000:]
     ok_status, ok_text, spy_status, spy_text = __import__("json").loads(out.stdout.splitlines()[-1])
-    assert (ok_status, ok_text) == (OK, "42"), ok_text
+    assert (ok_status, ok_text) == (OK, "42 0"), ok_text    # and an empty private /tmp
     assert secret not in spy_text and spy_status == EXEC_ERR, spy_text
