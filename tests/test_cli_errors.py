@@ -201,15 +201,10 @@ def test_the_real_command_line_prints_one_line(argv):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import model as M
-    from tokenizer import train_tokenizer
-    path = tmp_path_factory.mktemp("ck")
-    tok = train_tokenizer([f"What is the population of city {i}? It is {i * 37}." for i in range(200)], vocab_size=400)
-    tok.save(path)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0), path, tokenizer_dir=path)
-    return path
+    from tiny import save_tiny_checkpoint
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ck"),
+                                [f"What is the population of city {i}? It is {i * 37}." for i in range(200)], 400,
+                                num_hidden_layers=1, max_position_embeddings=1024)
 
 
 @pytest.mark.parametrize("query", ["", "   ", "\n\t"])

@@ -151,15 +151,11 @@ def test_stalled_rank_stops_the_others_after_the_timeout(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory) -> Path:
-    from tokenizer import Tokenizer, train_tokenizer
+    from tiny import save_tiny_checkpoint
+    from tokenizer import Tokenizer
     rows = sft.generate_episodes(40, seed=0, failure_rate=0.2, recovery=True)
-    tok = train_tokenizer([Tokenizer.render_turns(r["messages"]) for r in rows], vocab_size=500)
-    ckpt = tmp_path_factory.mktemp("init")
-    tok.save(ckpt)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0), ckpt, tokenizer_dir=ckpt)
-    return ckpt
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("init"), [Tokenizer.render_turns(r["messages"]) for r in rows],
+                                500)
 
 
 def _replay(record: Path, call: int, start: Path, config, resume: bool) -> tuple[torch.nn.Module, dict, list]:

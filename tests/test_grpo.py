@@ -118,14 +118,10 @@ def test_grpo_runs_end_to_end_and_resumes(tmp_path):
     from pathlib import Path
 
     from sft import generate_episodes
-    from tokenizer import Tokenizer, train_tokenizer
+    from tiny import save_tiny_checkpoint
+    from tokenizer import Tokenizer
     rows = generate_episodes(40, seed=0, failure_rate=0.2, recovery=True)
-    tok = train_tokenizer([Tokenizer.render_turns(r["messages"]) for r in rows], vocab_size=500)
-    ckpt = tmp_path / "init"
-    tok.save(ckpt)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0), ckpt, tokenizer_dir=ckpt)
+    ckpt = save_tiny_checkpoint(tmp_path / "init", [Tokenizer.render_turns(r["messages"]) for r in rows], 500)
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "latest").symlink_to(ckpt)  # the default start, as sft.py leaves it

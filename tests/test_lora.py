@@ -170,15 +170,12 @@ def test_kl_reference_is_the_base_with_the_adapter_off(shared):
 def _init_checkpoint(tmp_path) -> Path:
     """A small random checkpoint with a BPE tokenizer of the oracle's episodes: a base to adapt."""
     from sft import generate_episodes
-    from tokenizer import Tokenizer, train_tokenizer
+    from tiny import save_tiny_checkpoint
+    from tokenizer import Tokenizer
     rows = generate_episodes(30, seed=0, failure_rate=0.2, recovery=True)
-    tok = train_tokenizer([Tokenizer.render_turns(r["messages"]) for r in rows], vocab_size=400)
-    path = tmp_path / "init"
-    tok.save(path)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0), path, tokenizer_dir=path)
-    return path
+    return save_tiny_checkpoint(tmp_path / "init", [Tokenizer.render_turns(r["messages"]) for r in rows], 400,
+                                hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                max_position_embeddings=8192)
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,17 @@ import random
 import pytest
 import torch
 
-import model as M
 from policy import Policy, play_batch
-from tokenizer import train_tokenizer
+from tiny import save_tiny_checkpoint
 from tools import LocalLLMAgent, OK
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ck")
-    texts = [f"What is the population of city {i}? It is {i * 37}." for i in range(200)]
-    tok = train_tokenizer(texts, vocab_size=400)
-    tok.save(path)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=2048, tie_word_embeddings=True)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0, std=0.3), path, tokenizer_dir=path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ck"),
+                                [f"What is the population of city {i}? It is {i * 37}." for i in range(200)], 400,
+                                std=0.3, hidden_size=64, intermediate_size=128, max_position_embeddings=2048,
+                                tie_word_embeddings=True)
 
 
 TASKS = ["population of city 3", "17*23", "reverse the word Velora", "capital of Zarnia"]

@@ -13,13 +13,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import model as M
 import sft
 import train
 from env import EnvConfig, Episode
 from policy import Policy, play_batch
 from tasks import Subtask, Task, load_jsonl_tasks, safe_text, world_for_split
-from tokenizer import train_tokenizer
+from tiny import save_tiny_checkpoint
 from tools import EXEC_ERR, OK, HttpAgent, Pool, TextTool, load_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +30,9 @@ TEXT = TextTool("text", "tool", "exact text operations", 0.0, 0.1)
 def checkpoint(tmp_path_factory):
     """A tiny model with its own byte-level BPE: the tokenizer refuses lone surrogates as the
     SmolLM2 one does (`TypeError: TextInputSequence must be str`)."""
-    path = tmp_path_factory.mktemp("ck")
-    tok = train_tokenizer([f"What is the capital of city {i}? It is {i * 37}." for i in range(200)], vocab_size=400)
-    tok.save(path)
-    config = M.ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=4096, tie_word_embeddings=True)
-    M.save_model(M.init_weights(M.Transformer(config), seed=0, std=0.3), path, tokenizer_dir=path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ck"),
+                                [f"What is the capital of city {i}? It is {i * 37}." for i in range(200)], 400,
+                                std=0.3, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
