@@ -531,6 +531,10 @@ SFT_SETTINGS = {
     "freeze-20": dict(freeze_layers=20),                        # today's recipe: the top 10 of 30 layers trained
     "lora-16": dict(lora_rank=16, lora_alpha=32.0),             # an adapter on every linear of every layer
     "lora-16-top-10": dict(lora_rank=16, lora_alpha=32.0, lora_layers=list(range(20, 30))),
+    # the same, each pool draw's system prompt once per micro-batch (sft.py --shared-prefix)
+    "freeze-20-shared": dict(freeze_layers=20, shared_prefix=True, episodes_per_pool=4),
+    "lora-16-top-10-shared": dict(lora_rank=16, lora_alpha=32.0, lora_layers=list(range(20, 30)),
+                                  shared_prefix=True, episodes_per_pool=4),
 }
 
 
@@ -555,22 +559,32 @@ def sft_setting(cfg, name: str):
                                  config.episodes_per_pool)
     examples = [sft.episode_tokens(tokenizer, r["messages"]) for r in rows]
     lengths = [len(ids) for ids, _ in examples]
-    stream = sft.Stream(lambda e: sft.bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
-                        lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens)
+    if config.shared_prefix:
+        shared = sft.SharedPrompts(tokenizer, rows, examples)
+        stream = sft.Stream(lambda e: shared.batches(config.micro_batch_tokens, config.seed, e), shared.size,
+                            config.batch_tokens)
+    else:
+        shared = None
+        stream = sft.Stream(lambda e: sft.bucketed_batches(lengths, config.micro_batch_tokens, config.seed, e),
+                            lambda b: len(b) * max(lengths[i] for i in b), config.batch_tokens)
     steps = [stream.next_step() for _ in range(cfg.sft_steps)]
-    return config, model, adapter, optimizer, steps, examples, tokenizer.pad_token_id
+    return config, model, adapter, optimizer, steps, examples, (tokenizer.pad_token_id, shared)
 
 
-def sft_step(config, model, adapter, optimizer, micro, examples, pad_id, device) -> int:
+def sft_step(config, model, adapter, optimizer, micro, examples, pad, device) -> int:
     """One optimizer step as sft.run takes it (loss summed over learned tokens, divided by their
     count, accumulated over the micro-batches); returns its learned tokens."""
     import sft
     import train
+    pad_id, shared = pad
     n_learned = sum(sum(examples[i][1]) for b in micro for i in b)
     for batch in micro:
         with train.autocast(config.precision, device):
-            ids, mask = sft.collate([examples[i] for i in batch], pad_id, device)
-            loss = sft.sum_token_loss(model, ids, mask) / n_learned
+            if shared is not None:
+                loss = shared.sum_loss(model, batch, pad_id, device) / n_learned
+            else:
+                ids, mask = sft.collate([examples[i] for i in batch], pad_id, device)
+                loss = sft.sum_token_loss(model, ids, mask) / n_learned
         loss.backward()
     train.optimizer_step(adapter or model, optimizer, 1e-6, config.grad_clip)
     return n_learned
