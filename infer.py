@@ -241,9 +241,7 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
     for rate in config.failure_rates:
         check(0.0 <= rate <= 1.0, f"--failure-rates are probabilities, in [0, 1] (got {rate})")
     for path in config.checkpoints:
-        check(os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, ADAPTER)),
-              f"--checkpoints {path}: not a checkpoint, adapter or run folder (no config.json or {ADAPTER} in it)")
-        check_adapter("--checkpoints", path)
+        check_model_folder("--checkpoints", path, "not a checkpoint, adapter or run folder")
     policy = config.policy
     dataset = None
     if config.tasks:
@@ -255,18 +253,13 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
             dataset = load_jsonl_tasks(config.tasks)
         except (OSError, ValueError) as e:
             raise cli.UsageError(f"--tasks: {e}") from None
-    query = None
     if config.query is not None:
         check(bool(config.query.strip()), "--query is empty: give the question to answer")
-        query = validate_query(config, world, pools[0])
     if not policy:
         pass    # --trace plays the oracle; --eval prints the table
     elif "/" in policy or os.sep in policy or os.path.exists(policy):
         check(os.path.exists(policy), f"--policy {policy}: the path does not exist (a checkpoint folder was expected)")
-        check(os.path.isfile(os.path.join(policy, "config.json")) or os.path.isfile(os.path.join(policy, ADAPTER)),
-              f"--policy {policy}: not a checkpoint folder (no config.json in it) nor a LoRA adapter folder "
-              f"(no {ADAPTER})")
-        check_adapter("--policy", policy)
+        check_model_folder("--policy", policy, "not a checkpoint folder nor a LoRA adapter folder")
     elif policy.startswith("single:"):
         callee = policy.split(":", 1)[1]
         if any(spec.get("family") for spec in specs):
@@ -279,31 +272,31 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
     else:
         check(policy in SCRIPTED, f"--policy {policy!r}: not a scripted policy ({', '.join(SCRIPTED)}, "
                                   "single:<callee>) nor a checkpoint folder")
+    query = validate_query(config, world, pools[0]) if config.query is not None else None
     return dataset, query
 
 
 def validate_query(config, world, pool) -> tuple[str, Task]:
     """The policy that plays --query and its task. A checkpoint must hold the whole prompt in
     its context (checked with its tokenizer, before any weights load); a scripted policy needs
-    one of the built-in question forms."""
+    one of the built-in question forms. Runs after validate's checks of --policy."""
+    question = safe_text(config.query)   # argv: bad bytes are surrogates
     policy = config.policy or latest_checkpoint(config.runs_dir)
     if policy is None:
         raise cli.UsageError("--query needs a policy: no --policy was given and no trained checkpoint was found "
                              "(runs/grpo/latest, runs/sft/latest); train one with `python sft.py`, pass a "
                              "checkpoint folder, or a scripted policy for a built-in question form")
     if not os.path.isdir(policy):
-        task = task_from_question(safe_text(config.query), world, "query")
+        task = task_from_question(question, world, "query")
         cli.check(task is not None, f"--query with --policy {policy}: a scripted policy plays a built-in question "
                                     "form only (it needs the subtask graph), and this query is none of them in "
                                     f"the {config.split} reference world; pass a checkpoint as --policy")
         return policy, task
-    cli.check(os.path.isfile(os.path.join(policy, "config.json")) or os.path.isfile(os.path.join(policy, ADAPTER)),
-              f"--policy {policy}: not a checkpoint folder (no config.json in it) nor a LoRA adapter folder "
-              f"(no {ADAPTER})")
-    check_adapter("--policy", policy)
+    if not config.policy:   # the newest trained checkpoint: --policy's checks did not see it
+        check_model_folder("--policy", policy, "not a checkpoint folder nor a LoRA adapter folder")
     from lora import root_base, tokenizer_folder
     from tokenizer import Tokenizer
-    task = Task(safe_text(config.query), "", [], "query", 1, 1, 1, split="query")   # argv: bad bytes are surrogates
+    task = Task(question, "", [], "query", 1, 1, 1, split="query")
     tokenizer = Tokenizer.load(tokenizer_folder(policy))
     prompt = len(tokenizer.encode_chat(Episode(task, pool, cli.sub_config(EnvConfig, config),
                                                cli.sub_config(RewardConfig, config)).messages))
@@ -313,8 +306,11 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
     return policy, task
 
 
-def check_adapter(flag: str, path: str) -> None:
-    """An adapter folder must name a base that is there (lora.root_base follows the chain)."""
+def check_model_folder(flag: str, path: str, what: str) -> None:
+    """A checkpoint (config.json) or adapter folder; an adapter must name a base that is there
+    (lora.root_base follows the chain)."""
+    cli.check(os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, ADAPTER)),
+              f"{flag} {path}: {what} (no config.json or {ADAPTER} in it)")
     if os.path.isfile(os.path.join(path, ADAPTER)):
         from lora import root_base
         try:
