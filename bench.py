@@ -526,13 +526,14 @@ def bench_train(cfg, dtype) -> int:
                    ("peak_mb", "{:.0f}"), ("speedup", "{:.2f}"), ("saved_frac", "{:.2f}")])
 
 
-# SFT settings: sft.py flags over its defaults. The first is the baseline of the ratios.
+# SFT settings: sft.py flags over its defaults, every LoRA flag given (the defaults are the
+# release recipe, lora-16-top-10). The first is the baseline of the ratios.
 SFT_SETTINGS = {
-    "freeze-20": dict(freeze_layers=20),                        # today's recipe: the top 10 of 30 layers trained
-    "lora-16": dict(lora_rank=16, lora_alpha=32.0),             # an adapter on every linear of every layer
+    "freeze-20": dict(lora_rank=0, freeze_layers=20),           # full fine-tuning of the top 10 of 30 layers
+    "lora-16": dict(lora_rank=16, lora_alpha=32.0, lora_layers=[]),   # an adapter on every linear of every layer
     "lora-16-top-10": dict(lora_rank=16, lora_alpha=32.0, lora_layers=list(range(20, 30))),
     # the same, each pool draw's system prompt once per micro-batch (sft.py --shared-prefix)
-    "freeze-20-shared": dict(freeze_layers=20, shared_prefix=True, episodes_per_pool=4),
+    "freeze-20-shared": dict(lora_rank=0, freeze_layers=20, shared_prefix=True, episodes_per_pool=4),
     "lora-16-top-10-shared": dict(lora_rank=16, lora_alpha=32.0, lora_layers=list(range(20, 30)),
                                   shared_prefix=True, episodes_per_pool=4),
 }

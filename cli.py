@@ -105,7 +105,8 @@ def config_fields(cls, **defaults) -> list:
     overridden, so every knob is one flag with one definition."""
     def default(f):
         if f.name in defaults:
-            return {"default": defaults[f.name]}
+            value = defaults[f.name]
+            return {"default_factory": lambda: list(value)} if isinstance(value, list) else {"default": value}
         if f.default_factory is not dataclasses.MISSING:    # a list default, fresh per instance
             return {"default_factory": f.default_factory}
         return {"default": f.default}

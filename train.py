@@ -80,12 +80,15 @@ class LoraOptions:
     lora_alpha: float = cli.field(32.0, "LoRA alpha: the adapter's output is scaled by alpha / rank", "lora")
     lora_targets: list[str] = cli.field(list(lora.TARGETS), "linear layers that get an adapter, by checkpoint "
                                         "name", "lora")
-    lora_layers: list[int] = cli.field([], "layer indices that get adapters (none given: every layer)", "lora")
+    lora_layers: list[int] = cli.field([], "layer indices that get adapters, negative ones counted from the top as "
+                                       "in Python (-1: the last layer); none given: every layer", "lora")
 
 
-def lora_spec(config) -> lora.LoraSpec:
-    return lora.LoraSpec(config.lora_rank, config.lora_alpha, tuple(config.lora_targets),
-                         tuple(config.lora_layers) if config.lora_layers else None)
+def lora_spec(config, num_layers: int) -> lora.LoraSpec:
+    """The adapter's spec, --lora-layers resolved to indices from 0 (the adapter_config names
+    those, as peft does)."""
+    layers = tuple(i + num_layers if -num_layers <= i < 0 else i for i in config.lora_layers)
+    return lora.LoraSpec(config.lora_rank, config.lora_alpha, tuple(config.lora_targets), layers or None)
 
 
 def check_lora(config, init: str) -> None:
@@ -93,13 +96,17 @@ def check_lora(config, init: str) -> None:
     if config.lora_rank == 0:
         return
     cli.check(config.lora_rank > 0, f"--lora-rank {config.lora_rank}: must be 0 (off) or more")
-    cli.check(bool(init), "--lora-rank needs a pretrained base to adapt: pass --init CHECKPOINT")
+    cli.check(bool(init), f"--lora-rank {config.lora_rank} needs a pretrained base to adapt (--init CHECKPOINT); "
+                          "a new model (--preset) trains every weight: add --lora-rank 0")
     cli.check(config.freeze_layers == 0, "--freeze-layers is for full fine-tuning; with --lora-rank choose the "
                                          "adapted layers with --lora-layers")
     try:
         layers = read_config(lora.root_base(init)).num_hidden_layers
-        lora.check_spec(lora_spec(config), layers)
     except (OSError, ValueError) as e:
+        raise TrainingError(f"--init {init}: " + str(e).replace("\n", " ")) from None
+    try:
+        lora.check_spec(lora_spec(config, layers), layers)
+    except ValueError as e:
         raise TrainingError(str(e).replace("\n", " ")) from None
 
 
@@ -109,7 +116,8 @@ def add_adapter(model, config, init: str) -> "lora.Adapter | None":
     if config.lora_rank == 0:
         return None
     model.requires_grad_(False)
-    return lora.Adapter(model, lora_spec(config), lora.base_name(init), seed=config.seed)
+    return lora.Adapter(model, lora_spec(config, model.config.num_hidden_layers), lora.base_name(init),
+                        seed=config.seed)
 
 
 # ---------------------------------------------------------------- precision
@@ -141,9 +149,10 @@ class TrainingError(cli.UsageError):
     """A problem a user can fix (missing or broken checkpoint, bad flags): one clear line."""
 
 
-def check_config(config) -> None:
+def check_config(config, init_pending: bool = False) -> None:
     """The knobs both stages share, refused in one line before any work: no data generated, no
-    model loaded, no run folder made."""
+    model loaded, no run folder made. `init_pending`: --init is the default checkpoint, still to
+    be converted (convert_gguf.default_checkpoint_missing), so its folder is not checked here."""
     check = cli.check
     check(config.steps >= 1, f"--steps must be at least 1 (got {config.steps})")
     for flag in ("ckpt_every", "log_every", "eval_every", "warmup_steps"):
@@ -153,7 +162,7 @@ def check_config(config) -> None:
     check(config.lr > 0, f"--lr must be positive (got {config.lr})")
     check(config.eval_split in SPLITS, f"--eval-split {config.eval_split!r}: expected one of {', '.join(SPLITS)}")
     check(config.freeze_layers >= 0, f"--freeze-layers must be 0 or more (got {config.freeze_layers})")
-    if config.init:
+    if config.init and not init_pending:
         check(os.path.isdir(config.init), f"--init {config.init}: the folder does not exist (a checkpoint was expected)")
         check(any(os.path.isfile(os.path.join(config.init, f)) for f in ("config.json", lora.CONFIG_FILE)),
               f"--init {config.init}: not a checkpoint or adapter folder (no config.json or {lora.CONFIG_FILE} in it)")

@@ -215,7 +215,7 @@ def test_empty_query(capsys, no_play, query):
 
 def test_query_longer_than_the_context(capsys, no_play, tiny_checkpoint):
     line = rejected(capsys, infer.main, ["--query", "x" * 10_000, "--policy", str(tiny_checkpoint)],
-                    "--query", "the model's context holds 1024")
+                    "--query", "holds 1024")
     assert "tokens" in line
 
 
@@ -224,15 +224,18 @@ def test_query_with_a_scripted_policy_outside_the_question_forms(capsys, no_play
              "--policy oracle", "built-in question form")
 
 
-def test_query_without_any_policy_is_one_line(capsys, no_play, tmp_path):
-    rejected(capsys, infer.main, ["--query", "What is 2 + 2?", "--runs-dir", str(tmp_path)], "--query needs a policy")
+def test_query_without_a_policy_is_played_by_the_release(capsys, no_play, monkeypatch, tiny_checkpoint):
+    """No --policy: the release plays (here a stand-in whose context is too short, which is
+    refused naming it); a trained run in runs/ does not."""
+    monkeypatch.setattr(infer, "RELEASE", str(tiny_checkpoint))
+    rejected(capsys, infer.main, ["--query", "x" * 10_000], f"the context of {tiny_checkpoint} holds 1024")
 
 
 def test_query_plays_the_policy_it_was_given_and_says_so(capsys, monkeypatch):
     """The oracle plays a query in a built-in question form, even with a trained checkpoint in
     runs/ (it used to play the newest checkpoint instead), and the trace names it."""
     from tasks import task_at, world_for_split
-    monkeypatch.setattr(infer, "latest_checkpoint", lambda *a: pytest.fail("looked for a checkpoint"))
+    monkeypatch.setattr(infer, "RELEASE", "/nonexistent-release")
     task = task_at("heldout", 4, 0, world=world_for_split("heldout"))
     assert infer.main(["--query", task.question, "--policy", "serial-oracle"]) == 0
     out = capsys.readouterr().out
@@ -266,6 +269,20 @@ def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
     main = {"sft": sft.main, "grpo": grpo.main}[stage]
     rejected(capsys, main, argv + ["--runs-dir", str(tmp_path / "runs")], *expected)
     assert not (tmp_path / "runs").exists(), "left a run folder behind"
+
+
+def test_sft_checks_its_flags_before_converting_a_missing_default_base(capsys, no_training, tmp_path, monkeypatch):
+    """On a fresh clone the default --init (checkpoints/smollm2-135m-instruct) is missing: a bad
+    flag is still refused at once, and nothing is converted."""
+    import convert_gguf
+    import lora
+    import sft
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lora, "ROOT", tmp_path)
+    monkeypatch.setattr(convert_gguf, "convert", lambda *a: pytest.fail("converted before the flags were checked"))
+    assert convert_gguf.default_checkpoint_missing(sft.SFTConfig().init)
+    rejected(capsys, sft.main, ["--steps", "0", "--runs-dir", str(tmp_path / "runs")], "--steps must be at least 1")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_sft_init_that_is_not_a_checkpoint(capsys, no_training, tmp_path):

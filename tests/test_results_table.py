@@ -15,7 +15,8 @@ def _run(root, stage, name, **config):
     return run
 
 
-def test_runs_that_differ_only_in_seed_are_one_row(tmp_path):
+def test_runs_that_differ_only_in_seed_are_one_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(infer, "RELEASE", str(tmp_path / "release"))   # none: its row is the next test's
     _run(tmp_path, "sft", "seed0", seed=0)
     _run(tmp_path, "sft", "seed1", seed=1, device="cuda", eval_n=8)
     _run(tmp_path, "sft", "norecovery", recovery=False)
@@ -29,7 +30,20 @@ def test_runs_that_differ_only_in_seed_are_one_row(tmp_path):
     }
 
 
-def test_table_without_trained_runs_has_every_scripted_policy(tmp_path, capsys):
+def test_the_release_has_the_first_trained_row(tmp_path, monkeypatch):
+    (tmp_path / "release").mkdir()
+    monkeypatch.setattr(infer, "RELEASE", str(tmp_path / "release"))
+    _run(tmp_path, "sft", "seed0", seed=0)
+    assert infer.trained_groups([], str(tmp_path)) == [
+        (str(tmp_path / "release"), [str(tmp_path / "release")]),
+        ("sft: seed0", [str(tmp_path / "sft/seed0/checkpoints/step-000020")])]
+    # --checkpoints lists exactly the rows wanted
+    assert infer.trained_groups([str(tmp_path / "sft" / "seed0")], str(tmp_path)) == [
+        ("sft: seed0", [str(tmp_path / "sft/seed0/checkpoints/step-000020")])]
+
+
+def test_table_without_trained_runs_has_every_scripted_policy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "RELEASE", str(tmp_path / "release"))
     assert infer.main(["--eval", "--n", "3", "--runs-dir", str(tmp_path), "--failure-rates", "0", "0.5", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 2 * len(infer.SCRIPTED)
@@ -42,7 +56,8 @@ def test_table_without_trained_runs_has_every_scripted_policy(tmp_path, capsys):
         assert oracle_seen_half[key] == alone[key]
 
 
-def test_markdown_table(tmp_path, capsys):
+def test_markdown_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "RELEASE", str(tmp_path / "release"))
     assert infer.main(["--eval", "--n", "2", "--runs-dir", str(tmp_path), "--failure-rates", "0.2", "--markdown"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
     assert lines[0].startswith("| policy | pool | failures | success")

@@ -21,6 +21,7 @@ from sft import (bucketed_batches, collate, copy_drill_batch, copy_drill_loss, e
 from tasks import Subtask, Task
 from tokenizer import IM_END, Tokenizer, train_tokenizer
 import train
+from tiny import SCRATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,7 +170,7 @@ def _sft(tmp_path, name, *extra):
     return [sys.executable, str(ROOT / "sft.py"), "--runs-dir", str(tmp_path), "--name", name,
             "--episodes", "40", "--steps", "12", "--batch-tokens", "1200", "--micro-batch-tokens", "1200",
             "--ckpt-every", "4", "--log-every", "4", "--eval-every", "0", "--eval-n", "2",
-            "--vocab-size", "400", "--warmup-steps", "2", *extra]
+            "--vocab-size", "400", "--warmup-steps", "2", *SCRATCH, *extra]
 
 
 def _losses(run: Path) -> dict[int, float]:

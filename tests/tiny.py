@@ -3,6 +3,9 @@ play, train or adapt (its weights are random; the tests compare behaviour, not q
 import model as M
 from tokenizer import train_tokenizer
 
+# sft.py flags for a new tiny model from scratch (its defaults train a LoRA adapter on SmolLM2)
+SCRATCH = ["--preset", "tiny", "--lora-rank", "0", "--lr", "3e-3"]
+
 
 def save_tiny_checkpoint(path, texts: list[str], vocab_size: int, std: float | None = None, **config):
     """Tokenizer and model in `path` (HF layout); `config` overrides the small shape below."""

