@@ -125,6 +125,11 @@ def trained_groups(checkpoints: list[str], runs_dir: str) -> list[tuple[str, lis
 
 def table(config, env_config: EnvConfig, reward_config: RewardConfig) -> None:
     groups = trained_groups(config.checkpoints, config.runs_dir)
+    if groups:
+        from convert_gguf import ensure_default_checkpoint
+        for _, checkpoints in groups:
+            for checkpoint in checkpoints:
+                ensure_default_checkpoint(checkpoint)   # the release's base, on a fresh clone
     if not groups:
         print(f"no trained run in {config.runs_dir}/sft or {config.runs_dir}/grpo: the table has the scripted "
               "policies only (`python sft.py` trains one)", file=sys.stderr)
