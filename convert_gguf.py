@@ -96,7 +96,7 @@ def default_checkpoint_missing(folder) -> bool:
             base = json.loads((path / lora.CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
         except (OSError, ValueError):
             return False
-        path = Path(base) if Path(base).is_absolute() else lora.ROOT / base
+        path = lora.base_folder(base)
     return (path if path.is_absolute() else Path.cwd() / path).resolve() == default and \
         not (default / "config.json").is_file()
 

@@ -130,7 +130,7 @@ def table(config, env_config: EnvConfig, reward_config: RewardConfig) -> None:
         for _, checkpoints in groups:
             for checkpoint in checkpoints:
                 ensure_default_checkpoint(checkpoint)   # the release's base, on a fresh clone
-    if not groups:
+    else:
         print(f"no trained run in {config.runs_dir}/sft or {config.runs_dir}/grpo: the table has the scripted "
               "policies only (`python sft.py` trains one)", file=sys.stderr)
     rows = []

@@ -238,6 +238,11 @@ def base_name(path) -> str:
     return str(real.relative_to(ROOT)) if real.is_relative_to(ROOT) else str(real)
 
 
+def base_folder(name: str) -> Path:
+    """Where a base_model_name_or_path points: absolute, or relative to the repository root."""
+    return Path(name) if os.path.isabs(name) else ROOT / name
+
+
 def read_adapter_config(path) -> tuple[LoraSpec, Path]:
     """The spec and the resolved base folder of an adapter folder; ValueError naming the problem
     (an unsupported peft option, a base that is not there)."""
@@ -259,7 +264,7 @@ def read_adapter_config(path) -> tuple[LoraSpec, Path]:
     layers = (layers,) if isinstance(layers, int) else tuple(layers) if layers is not None else None
     spec = LoraSpec(int(c["r"]), float(c["lora_alpha"]), tuple(targets), layers)
     base = c.get("base_model_name_or_path") or ""
-    resolved = Path(base) if os.path.isabs(base) else ROOT / base
+    resolved = base_folder(base)
     if not base or not ((resolved / "config.json").is_file() or is_adapter(resolved)):
         raise ValueError(f"{file}: its base_model_name_or_path {base!r} is not a checkpoint folder "
                          f"(looked at {resolved}; relative paths are read from {ROOT})")

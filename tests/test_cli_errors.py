@@ -226,7 +226,7 @@ def test_query_with_a_scripted_policy_outside_the_question_forms(capsys, no_play
 
 def test_query_without_a_policy_is_played_by_the_release(capsys, no_play, monkeypatch, tiny_checkpoint):
     """No --policy: the release plays (here a stand-in whose context is too short, which is
-    refused naming it); a trained run in runs/ does not."""
+    refused naming it)."""
     monkeypatch.setattr(infer, "RELEASE", str(tiny_checkpoint))
     rejected(capsys, infer.main, ["--query", "x" * 10_000], f"the context of {tiny_checkpoint} holds 1024")
 
