@@ -375,6 +375,62 @@ class ParallelOracle(GraphPolicy):
     pass
 
 
+_CALL_TEXT = re.compile(r'<call id="([^"]*)" to="([^"]*)">(.*?)</call>', re.S)
+_REF = re.compile(r"\{([^{}]*)\}")
+
+
+def _same_task(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def take_over(oracle: GraphPolicy, messages: list[dict]) -> GraphPolicy:
+    """Bring a fresh oracle to the state of a conversation that someone else (a model) played,
+    so that calling it writes the turn it would write from there: the teacher of on-policy
+    distillation (dagger.py).
+
+    The other player's calls are read the way the oracle reads its own. A call counts as work on
+    a subtask when its task, with each {k} naming the subtask that call k worked on, is that
+    subtask's task (case and spacing aside); any other call (a misspelled entity, an invented
+    subtask, a value pasted where {k} belongs) is ignored, so its subtask is sent again. A call to a
+    callee that lacks the skill is read as a call to a callee that failed it (re-routed, its
+    dependents re-sent at once). A call to a callee able but below near-exact for the subtask's
+    skill is a cross-check vote, not a settled answer,
+    exactly as when the oracle asks two weak callees itself: one weak answer is not trusted
+    (unless the oracle had routed the subtask to that callee alone, as its last resort), and
+    a weak callee asked the same subtask again is no second opinion (the repeat is ignored).
+    Every state but the last is read here; the oracle's own call reads the last, so that its
+    <think> line states what it saw there.
+    """
+    oracle.callees = read_pool(messages[0]["content"])
+    template = {_same_task(s.task): s.id for s in oracle.task.subtasks}
+    level = {c.name: c.skills for c in oracle.callees}
+    voters: dict[int, set[str]] = {}   # subtask id -> weak callees already asked it
+    for i in range(2, len(messages), 2):        # assistant turns; each state follows its turn
+        for call_id, callee, text in _CALL_TEXT.findall(messages[i]["content"]):
+            call_id, callee, text = html.unescape(call_id), html.unescape(callee), html.unescape(text)
+            if call_id.isdigit():
+                oracle.next_id = max(oracle.next_id, int(call_id) + 1)
+            refs = _REF.findall(text)
+            if any(r not in oracle.call_of for r in refs):
+                continue
+            sid = template.get(_same_task(_REF.sub(lambda m: "{%d}" % oracle.call_of[m.group(1)], text)))
+            weak = sid is not None and 0.0 < level.get(callee, {}).get(oracle.kind(sid), 0.0) < NEAR_EXACT
+            if sid is None or sid in oracle.solved or (weak and callee in voters.get(sid, ())):
+                continue
+            oracle.call_of[call_id], oracle.inputs[call_id] = sid, refs
+            if weak and oracle.route.get(sid) != [callee]:   # not the oracle's own last resort
+                oracle.votes.setdefault(sid, [])
+                voters.setdefault(sid, set()).add(callee)
+        if i + 2 < len(messages):
+            oracle.read_results(last_state(messages[:i + 2]))
+    return oracle
+
+
+def teacher_turn(task: Task, messages: list[dict], seed: int = 0) -> str:
+    """The parallel oracle's turn from the state `messages` ends in, whoever played before."""
+    return take_over(ParallelOracle(task, seed), messages)(messages)
+
+
 class SerialOracle(GraphPolicy):
     """The same routing, one call per turn, no in-turn chaining."""
 

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import dagger
 import dataparallel
 import lora
 import train
@@ -89,6 +90,11 @@ class SFTOptions:
     recovery: bool = cli.field(True, "keep trajectories with failures and recoveries "
                                "(--no-recovery: failure-free trajectories only)", "data")
     data: str = cli.field("", "read trajectories from this JSONL file instead of generating them", "data")
+    dagger: int = cli.field(0, "on-policy distillation: the --init model plays this many training tasks and the "
+                            "oracle writes its turn at the states where it would act otherwise (dagger.py); "
+                            "those rows join the data", "data")
+    dagger_turns: int = cli.field(4, "turns each --dagger episode plays at most", "data")
+    dagger_per_episode: int = cli.field(2, "corrected states kept per --dagger episode at most", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
     episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
                                        "(what --shared-prefix needs to pay; 4 measured best); 1: a new draw per episode", "data")
@@ -187,14 +193,15 @@ def read_jsonl(path) -> list[dict]:
 
 def episode_tokens(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """The token stream policy.play_batch produces for this conversation, and its loss mask
-    (1 on the assistant turns' tokens and their <|im_end|>)."""
+    (1 on the assistant turns' tokens and their <|im_end|>, except turns marked
+    {"learn": false}: context, such as a model's own turns in a dagger.py row)."""
     ids = tokenizer.encode_chat(messages[:2])
     mask = [0] * len(ids)
     for m in messages[2:]:
         if m["role"] == "assistant":
             turn = tokenizer.encode(m["content"]) + [tokenizer.im_end_id]
             ids += turn
-            mask += [1] * len(turn)
+            mask += [int(m.get("learn", True))] * len(turn)
         else:
             new = tokenizer.encode("\n" + tokenizer.render_turns([m]))
             ids += new
@@ -495,8 +502,26 @@ def prepare(config, run: Path, device: str):
                 raise train.TrainingError(f"--copy-circuit with --preset {config.preset}: {e}") from None
             if not config.train_copy_circuit:
                 train.freeze_slices(model, copy_circuit_slices(model.config))
+    if config.dagger:
+        rows = rows + dagger_rows(config, run, Policy(model, tokenizer))
     train.freeze_bottom(model, config.freeze_layers)
     return rows, tokenizer, tokenizer_dir, model
+
+
+def dagger_rows(config, run: Path, policy: Policy) -> list[dict]:
+    """The run's on-policy distillation rows: collected once from the --init model (before any
+    training step), saved beside data.jsonl, read back on --resume."""
+    path = run / "dagger.jsonl"
+    if path.is_file():
+        return read_jsonl(path)
+    t = time.time()
+    policy.model.eval()
+    rows = dagger.collect(policy, config.dagger, config.seed, config.failure_rate, config.pool,
+                          config.dagger_turns, config.dagger_per_episode)
+    write_jsonl(rows, path)
+    print(f"dagger: {len(rows)} corrected states from {config.dagger} episodes in {time.time() - t:.0f}s -> {path}",
+          file=sys.stderr)
+    return rows
 
 
 def check_config(config, init_pending: bool = False) -> None:
@@ -508,6 +533,11 @@ def check_config(config, init_pending: bool = False) -> None:
     check(0.0 <= config.failure_rate <= 1.0, f"--failure-rate is a probability, in [0, 1] (got {config.failure_rate})")
     check(not config.data or os.path.isfile(config.data), f"--data {config.data}: no such file")
     check(config.init or config.preset in PRESETS, f"--preset {config.preset!r}: expected one of {', '.join(PRESETS)}")
+    check(config.dagger >= 0, f"--dagger must be 0 (off) or more episodes (got {config.dagger})")
+    for flag in ("dagger_turns", "dagger_per_episode"):
+        value = getattr(config, flag)
+        check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+    check(not config.dagger or config.init, "--dagger needs a trained policy to play: give --init, not --preset")
 
 
 def run(config, world=dataparallel.World()) -> int:
