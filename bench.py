@@ -35,6 +35,12 @@ apart. Also reported: the mask's own work per step, timed directly (`mask_ms`, `
 an unmasked step), which is steadier on a shared machine than the end-to-end difference:
 
     python bench.py --mask --presets smollm2-135m --prefix-lens 400 --branches 16
+
+`--play DIR` profiles policy.play_batch end to end as evaluation runs it (held-out tasks,
+greedy, masked): prefill, decode passes, appended state messages, attention and the output layer
+inside them, the mask, sampling, the environment, and the rest:
+
+    python bench.py --play release/paramanager-smollm2-135m --play-n 16
 """
 import dataclasses
 import json
@@ -96,6 +102,10 @@ class BenchConfig:
                                     "--mask benchmark compiles the mask against", "mask")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
+    play: str = cli.field("", "instead: profile policy.play_batch end to end with this checkpoint or adapter "
+                          "folder on --play-n held-out tasks (where the time goes, under cProfile)", "play")
+    play_n: int = cli.field(16, "held-out tasks --play plays (seed --seed, seen pool family)", "play")
+    play_batch: int = cli.field(16, "episodes decoded together (evaluation's --batch-episodes)", "play")
 
 
 def sync(device):
@@ -203,7 +213,8 @@ def validate(cfg: BenchConfig) -> None:
     unknown = [s for s in cfg.sft_settings if s not in SFT_SETTINGS]
     cli.check(bool(cfg.sft_settings) and not unknown,
               f"--sft-settings {' '.join(unknown or ['(none)'])}: expected some of {', '.join(SFT_SETTINGS)}")
-    for flag in ("token_episodes", "new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
+    cli.check(not cfg.play or os.path.isdir(cfg.play), f"--play {cfg.play}: no such checkpoint or adapter folder")
+    for flag in ("play_n", "play_batch", "token_episodes", "new_tokens", "repeats", "tiny_vocab", "train_prompts", "train_prompt_len", "train_suffix_len",
                  "train_micro_batch_tokens", "sft_episodes", "sft_steps", "sft_batch_tokens"):
         cli.check(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(cfg, flag)})")
 
@@ -215,6 +226,8 @@ def main(argv=None):
     cli.log_config(cfg)
     torch.manual_seed(cfg.seed)
     dtype = M.default_dtype(cfg.device)
+    if cfg.play:
+        return bench_play(cfg)
     if cfg.tokens:
         return bench_tokens(cfg)
     if cfg.append_lens:
@@ -279,6 +292,71 @@ def main(argv=None):
     else:
         print_table(rows, limits, cfg.device)
     return 0
+
+
+# Where play_batch's time goes: (part, [(sign, function, the caller its time must come from, or
+# None for every caller)]), a part's seconds the signed sum of those functions' cumulative times.
+# The parts not indented are disjoint; the indented ones lie inside the passes above them.
+GENERATE = ("policy.py", "generate")
+PLAY_PARTS = [
+    ("prefill", [(1, ("policy.py", "_prefill"), None)]),
+    ("decode steps", [(1, ("policy.py", "_decode"), None)]),
+    ("appended state messages", [(1, ("policy.py", "_forward_suffix"), None), (-1, ("policy.py", "_decode"), None)]),
+    ("  of which attention", [(1, ("policy.py", "_attend"), None)]),
+    ("  of which output layer", [(1, ("~", "<built-in method torch._C._nn.linear>"), ("policy.py", "_forward_suffix"))]),
+    ("protocol mask", [(1, ("protocol_mask.py", "mask"), GENERATE), (1, ("protocol_mask.py", "advance"), GENERATE)]),
+    ("sampling", [(1, ("policy.py", "sample_tokens"), None)]),
+    ("environment", [(1, ("env.py", "step"), None)]),
+]
+
+
+def bench_play(cfg) -> int:
+    """Profile policy.play_batch as evaluation runs it: --play-n held-out tasks, greedy, masked,
+    --play-batch at a time. cProfile's caller edges split the model's passes into prefill, decode
+    steps (Engine._decode) and appended state messages; attention and the output layer are inside
+    those passes.
+    cProfile adds a cost per Python call, so the shares are of a slightly slower run."""
+    import cProfile
+    import pstats
+    from env import EnvConfig, Episode
+    from evaluation import play_episodes, pool_for_episode
+    from policy import Policy
+    from tasks import make_tasks, task_world
+    policy = Policy.load(cfg.play, device=cfg.device)
+    tasks = make_tasks("heldout", cfg.play_n, seed=cfg.seed)
+    episodes = [Episode(t, pool_for_episode("seen", task_world(t), cfg.seed, i), EnvConfig(), seed=f"{cfg.seed}:{i}")
+                for i, t in enumerate(tasks)]
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(play_episodes, policy, episodes, list(range(len(episodes))), cfg.device,
+                     batch=cfg.play_batch, quiet=True)
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats
+
+    def seconds(where, caller):
+        out = 0.0
+        for (path, _, name), (_, _, _, cumulative, callers) in stats.items():
+            if path.endswith(where[0]) and name == where[1]:
+                if caller is None:
+                    out += cumulative
+                else:
+                    out += sum(edge[3] for (cpath, _, cname), edge in callers.items()
+                               if cpath.endswith(caller[0]) and cname == caller[1])
+        return out
+
+    # max(0, ...): a difference of two cumulative times can dip a hair below 0 when it is empty
+    rows = [{"part": part, "seconds": max(0.0, sum(sign * seconds(where, caller) for sign, where, caller in edges))}
+            for part, edges in PLAY_PARTS]
+    counted = sum(r["seconds"] for r in rows if not r["part"].startswith(" "))
+    rows.append({"part": "the rest (Python around the passes, tokenizing, bookkeeping)", "seconds": total - counted})
+    rows.append({"part": "total", "seconds": total})
+    for r in rows:
+        r["share"] = r["seconds"] / total
+    turns = sum(e.turns for e in episodes)
+    tokens = sum(e.tokens for e in episodes)
+    title = (f"play_batch profile: {cfg.play}, {len(episodes)} held-out tasks, {turns} turns, {tokens} generated "
+             f"tokens, {tokens / total:.1f} tok/s, {total:.0f}s under cProfile")
+    return report(cfg, rows, title, [("part", "{}"), ("seconds", "{:.1f}"), ("share", "{:.1%}")])
 
 
 def bench_tokens(cfg) -> int:

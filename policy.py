@@ -192,6 +192,11 @@ class Engine:
         self.suffix_len[rows] += n_real
         return F.linear(last, self.model.output_weight()).float()
 
+    def _decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The decode step: one new token [A, 1] for each of `rows` (its own name, so that a
+        profile tells decode steps from appended chunks: bench.py --play)."""
+        return self._forward_suffix(rows, ids, torch.ones_like(rows))
+
     def _plan(self, rows, n_real, T) -> PassPlan:
         """Where one pass writes and reads the caches and how it folds queries: computed once,
         used by every layer."""
@@ -348,7 +353,7 @@ class Engine:
                 break
             active = torch.tensor(keep, dtype=torch.long, device=self.device)
             ids = torch.tensor([new[b][-1] for b in keep], device=self.device)[:, None]
-            self.next_logits[active] = self._forward_suffix(active, ids, torch.ones_like(active))
+            self.next_logits[active] = self._decode(active, ids)
         for b in branches:
             self.tokens[b] += new[b]
             self.logprobs[b] += new_lp[b]
