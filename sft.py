@@ -9,6 +9,8 @@ included.
     python sft.py --lora-rank 0 --freeze-layers 20 --lr 2e-4   full fine-tuning of the top 10 layers
     python sft.py --resume                          continue the newest run from its last checkpoint
     python sft.py --data my.jsonl                   train on your own trajectories
+    python sft.py --init release/paramanager-smollm2-135m --dagger 96 --episodes 300 --steps 80
+                                                    on-policy distillation: the release plays, the oracle corrects
 
 Design choices, and why:
 - Data comes from the real environment: the parallel oracle (baselines.py) plays training
@@ -19,6 +21,10 @@ Design choices, and why:
   episodes share a world, names and facts cannot be memorized: the model must copy entity
   names from the question and callee names from the pool lines. --no-recovery keeps only
   trajectories in which every call succeeded (the ablation).
+- --dagger N adds on-policy rows (dagger.py): the --init model plays N training tasks and, at
+  states where the oracle would act otherwise, the oracle's turn from there is the target, the
+  model's own earlier turns context ({"learn": false}). The oracle's trajectories alone never
+  show the states a model reaches after its own mistakes.
 - The token stream is the one the model sees when it plays (policy.play_batch): the prompt as
   `encode_chat(system, question)`, each assistant turn as its own encoding closed by
   <|im_end|>, each state message as `next_turn_tokens`. A test checks the two agree, so what

@@ -271,6 +271,18 @@ def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
     assert not (tmp_path / "runs").exists(), "left a run folder behind"
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--dagger", "-1"], ["--dagger must be 0 (off) or more episodes (got -1)"]),
+    (["--dagger", "4", "--dagger-turns", "0"], ["--dagger-turns must be at least 1 (got 0)"]),
+    (["--dagger", "4", "--dagger-per-episode", "0"], ["--dagger-per-episode must be at least 1 (got 0)"]),
+    (["--dagger", "4", "--preset", "tiny", "--lora-rank", "0"], ["--dagger needs a trained policy to play"]),
+])
+def test_sft_dagger_flags(capsys, no_training, tmp_path, argv, expected):
+    import sft
+    rejected(capsys, sft.main, argv + ["--runs-dir", str(tmp_path / "runs")], *expected)
+    assert not (tmp_path / "runs").exists(), "left a run folder behind"
+
+
 def test_sft_checks_its_flags_before_converting_a_missing_default_base(capsys, no_training, tmp_path, monkeypatch):
     """On a fresh clone the default --init (checkpoints/smollm2-135m-instruct) is missing: a bad
     flag is still refused at once, and nothing is converted."""
