@@ -220,7 +220,8 @@ def one_at_a_time():
 def test_parallel_calls_queue_on_a_one_at_a_time_server(one_at_a_time, concurrency):
     # 0: the pool line does not know, the server's listen queue holds the second call;
     # 1: the executor holds it. Either way: one call takes SERVICE, the other 2 * SERVICE from
-    # the same start, and the round's critical path is the second one's end
+    # the same start, and the round's critical path is the second one's end. Each call's clock
+    # starts in its own thread, so the second may start a few ms after the first is served.
     agent = HttpAgent("llama", "agent", "one slot", 0.01, SERVICE, url=one_at_a_time, model="m",
                       concurrency=concurrency)
     ep = Episode(Task("q", "A", [Subtask(1, "text", "a", "A")], "t", 1, 1, 1), Pool("p", [agent]),
@@ -229,7 +230,7 @@ def test_parallel_calls_queue_on_a_one_at_a_time_server(one_at_a_time, concurren
     first, second = sorted(ep.rounds[0].results, key=lambda r: r.latency)
     assert {first.text, second.text} == {"A", "B"} and first.start == second.start == 0
     assert SERVICE <= first.latency < SERVICE + 0.3
-    assert 2 * SERVICE <= second.latency < 2 * SERVICE + 0.4
+    assert 2 * SERVICE - 0.05 <= second.latency < 2 * SERVICE + 0.4
     assert ep.rounds[0].elapsed == second.end == second.latency
 
 
