@@ -244,8 +244,8 @@ class GraphPolicy:
                 return
             if status == "OK":
                 self.votes[sid].append((call_id, text, callee))
-        counts = Counter(" ".join(t.lower().split()) for _, t, _ in self.votes[sid])
-        agreed = [v for v in self.votes[sid] if counts[" ".join(v[1].lower().split())] >= 2]
+        counts = Counter(_normalized(t) for _, t, _ in self.votes[sid])
+        agreed = [v for v in self.votes[sid] if counts[_normalized(v[1])] >= 2]
         if agreed:
             ids = [v[0] for v in self.votes[sid] if v[1] == agreed[0][1]]
             self.notes.append(f"calls {ids[0]} and {ids[1]} agree")
@@ -375,11 +375,12 @@ class ParallelOracle(GraphPolicy):
     pass
 
 
-_CALL_TEXT = re.compile(r'<call id="([^"]*)" to="([^"]*)">(.*?)</call>', re.S)
+_CALL_TEXT = re.compile(_CALL.pattern + r"(.*?)</call>", re.S)   # a call with its task
 _REF = re.compile(r"\{([^{}]*)\}")
 
 
-def _same_task(text: str) -> str:
+def _normalized(text: str) -> str:
+    """Case and spacing aside: how two answers, or a call's task and a subtask's, are compared."""
     return " ".join(text.lower().split())
 
 
@@ -394,15 +395,15 @@ def take_over(oracle: GraphPolicy, messages: list[dict]) -> GraphPolicy:
     subtask, a value pasted where {k} belongs) is ignored, so its subtask is sent again. A call to a
     callee that lacks the skill is read as a call to a callee that failed it (re-routed, its
     dependents re-sent at once). A call to a callee able but below near-exact for the subtask's
-    skill is a cross-check vote, not a settled answer,
-    exactly as when the oracle asks two weak callees itself: one weak answer is not trusted
+    skill is a cross-check vote, not a settled answer, exactly as when the oracle asks two weak
+    callees itself: one weak answer is not trusted
     (unless the oracle had routed the subtask to that callee alone, as its last resort), and
     a weak callee asked the same subtask again is no second opinion (the repeat is ignored).
     Every state but the last is read here; the oracle's own call reads the last, so that its
     <think> line states what it saw there.
     """
     oracle.callees = read_pool(messages[0]["content"])
-    template = {_same_task(s.task): s.id for s in oracle.task.subtasks}
+    template = {_normalized(s.task): s.id for s in oracle.task.subtasks}
     level = {c.name: c.skills for c in oracle.callees}
     voters: dict[int, set[str]] = {}   # subtask id -> weak callees already asked it
     for i in range(2, len(messages), 2):        # assistant turns; each state follows its turn
@@ -413,7 +414,7 @@ def take_over(oracle: GraphPolicy, messages: list[dict]) -> GraphPolicy:
             refs = _REF.findall(text)
             if any(r not in oracle.call_of for r in refs):
                 continue
-            sid = template.get(_same_task(_REF.sub(lambda m: "{%d}" % oracle.call_of[m.group(1)], text)))
+            sid = template.get(_normalized(_REF.sub(lambda m: "{%d}" % oracle.call_of[m.group(1)], text)))
             weak = sid is not None and 0.0 < level.get(callee, {}).get(oracle.kind(sid), 0.0) < NEAR_EXACT
             if sid is None or sid in oracle.solved or (weak and callee in voters.get(sid, ())):
                 continue

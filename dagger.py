@@ -91,11 +91,11 @@ def collect(policy, episodes: int, seed: int, failure_rate: float, pool: str = "
     oracle's corrections make, in sft.py's trajectory format."""
     from policy import play_batch   # deferred: importing this module needs no torch
     params = policy.chat_params(0.0)
+    env = EnvConfig(failure_rate=failure_rate)
     tasks, played = [], []
     for i in range(episodes):
         task = task_at("train", FIRST_TASK + i, seed)
         draw = random.Random(f"dagger-pool:{seed}:{i}")
-        env = EnvConfig(failure_rate=failure_rate)
         tasks.append(task)
         played.append(CappedEpisode(Episode(task, load_pool(pool, task_world(task), draw), env,
                                             seed=f"dagger:{seed}:{i}"), turns))
