@@ -26,10 +26,14 @@ Design choices, and why:
   repository root, or absolute. The base may itself be an adapter folder (an SFT adapter that a
   GRPO adapter was trained on): loading merges the chain, innermost first, which is what peft
   users do with `merge_and_unload()` before loading the next adapter.
+- A chain flattens into one adapter, exactly (`python lora.py --adapter TOP --out DIR`): the
+  merged terms add up to one LoRA term whose rank is the sum of theirs. A release continued from
+  an earlier one ships as a single folder that peft loads on the base alone.
 """
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cli
 from model import Transformer, load_model, tokenizer_files, write_folder
 
 ROOT = Path(__file__).resolve().parent
@@ -82,6 +87,17 @@ def _child(root: nn.Module, path: str) -> nn.Module:
             root.add_module(part, nn.Module())
         root = getattr(root, part)
     return root
+
+
+def peft_config(s: LoraSpec, base: str) -> dict:
+    """adapter_config.json for an adapter of spec `s` on the base named `base`."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+            "r": s.rank, "lora_alpha": s.alpha, "target_modules": list(s.targets),
+            "layers_to_transform": list(s.layers) if s.layers is not None else None,
+            "layers_pattern": "layers" if s.layers is not None else None,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
 
 
 class Adapter(nn.Module):
@@ -163,14 +179,7 @@ class Adapter(nn.Module):
         return self.model_ref[0]
 
     def peft_config(self) -> dict:
-        s = self.spec
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base,
-                "r": s.rank, "lora_alpha": s.alpha, "target_modules": list(s.targets),
-                "layers_to_transform": list(s.layers) if s.layers is not None else None,
-                "layers_pattern": "layers" if s.layers is not None else None,
-                "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-                "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
-                "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+        return peft_config(self.spec, self.base)
 
     def save(self, path, tokenizer_dir=None, extra_files=None, extra_tensors=None) -> Path:
         """adapter_config.json + adapter_model.safetensors (+ the base's tokenizer files, + a
@@ -271,16 +280,21 @@ def read_adapter_config(path) -> tuple[LoraSpec, Path]:
     return spec, resolved
 
 
+def chain(path) -> list[Path]:
+    """The folders from `path` down a chain of adapters, each naming the next as its base,
+    ending with the full checkpoint at the bottom (just `[path]` for a checkpoint)."""
+    folders = [Path(path)]
+    while is_adapter(folders[-1]):
+        base = read_adapter_config(folders[-1])[1]
+        if base.resolve() in {f.resolve() for f in folders}:
+            raise ValueError(f"{path}: adapters name each other as their base in a cycle")
+        folders.append(base)
+    return folders
+
+
 def root_base(path) -> Path:
     """The full checkpoint at the bottom of a chain of adapter folders (the folder itself if it is one)."""
-    path = Path(path)
-    seen = set()
-    while is_adapter(path):
-        if path.resolve() in seen:
-            raise ValueError(f"{path}: adapters name each other as their base in a cycle")
-        seen.add(path.resolve())
-        path = read_adapter_config(path)[1]
-    return path
+    return chain(path)[-1]
 
 
 def tokenizer_folder(path) -> Path:
@@ -308,3 +322,68 @@ def load_any(path, device="cpu", dtype=None) -> Transformer:
     root_base(path)   # refuses a cycle before loading anything
     model = load_any(read_adapter_config(path)[1], device=device, dtype=dtype)
     return load_adapter(path, model).merge_and_remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening a chain
+
+
+def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One adapter equal to the chain of adapters ending at `path` (an SFT adapter, more SFT on
+    it, GRPO on that): adapter_config.json's dict and the tensors, on the chain's full checkpoint.
+
+    Merging a chain adds each adapter's term: W + sum_i s_i B_i A_i. That sum is itself one LoRA
+    term of rank sum_i r_i, A stacked along the rank and B side by side, with each B_i rescaled
+    by s_i / s for the one scale s = alpha / rank. So the flattened adapter is exact, not a
+    low-rank approximation, and peft loads it on the base alone. The chain's adapters must sit
+    on the same targets and layers (what sft.py and grpo.py make when they continue one)."""
+    from safetensors.torch import load_file
+    folders = chain(path)[:-1]
+    if not folders:
+        raise ValueError(f"{path}: not an adapter folder (no {CONFIG_FILE})")
+    specs = [read_adapter_config(f)[0] for f in folders]
+    place = lambda s: (sorted(s.targets), sorted(s.layers) if s.layers is not None else None)
+    for f, s in zip(folders, specs):
+        if place(s) != place(specs[0]):
+            raise ValueError(f"{f}: its targets or layers differ from {folders[0]}'s; only adapters on the same "
+                             "targets and layers flatten into one")
+    rank = sum(s.rank for s in specs)
+    spec = LoraSpec(rank, specs[0].scale * rank, specs[0].targets, specs[0].layers)
+    tensors = [load_file(str(f / WEIGHTS_FILE)) for f in folders]
+    for f, t in zip(folders, tensors):
+        if t.keys() != tensors[0].keys():
+            raise ValueError(f"{f / WEIGHTS_FILE}: its tensor names differ from {folders[0] / WEIGHTS_FILE}'s")
+    flat = {}
+    for name in tensors[0]:
+        if ".lora_A." in name:
+            flat[name] = torch.cat([t[name] for t in tensors], dim=0)
+        else:
+            flat[name] = torch.cat([t[name] * (s.scale / spec.scale) for t, s in zip(tensors, specs)], dim=1)
+    return peft_config(spec, base_name(chain(path)[-1])), flat
+
+
+@dataclass
+class FlattenConfig:
+    adapter: str = cli.field("", "an adapter folder whose base is another adapter (a chain)", "input / output")
+    out: str = cli.field("", "the new folder to write: one adapter on the chain's full checkpoint", "input / output")
+
+
+@cli.entry_point
+def main(argv=None):
+    cfg = cli.parse_config(FlattenConfig, argv, "Flatten a chain of LoRA adapters into one equal adapter "
+                                                "(rank: the sum of theirs) that peft loads on the base alone.")
+    cli.check(bool(cfg.adapter) and is_adapter(cfg.adapter),
+              f"--adapter {cfg.adapter!r}: not an adapter folder (no {CONFIG_FILE})")
+    cli.check(bool(cfg.out) and not Path(cfg.out).exists(), f"--out {cfg.out!r}: name a folder that does not exist yet")
+    try:
+        config, tensors = flatten(cfg.adapter)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
+    print(f"wrote {cfg.out}: one rank-{config['r']} adapter on {config['base_model_name_or_path']}, "
+          f"equal to the chain of {len(chain(cfg.adapter)) - 1} ending at {cfg.adapter}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -99,6 +99,58 @@ def test_adapter_saved_by_peft_loads_here(tmp_path):
     assert diff <= 1e-5
 
 
+def _chain_of_three(tmp_path, base):
+    """Three adapters, each trained-looking and saved on the one before: ranks and scales differ."""
+    specs = [lora.LoraSpec(4, 8.0, ("q_proj", "up_proj"), (0, 2)), lora.LoraSpec(2, 6.0, ("up_proj", "q_proj"), (2, 0)),
+             lora.LoraSpec(3, 3.0, ("q_proj", "up_proj"), (0, 2))]
+    below = base
+    for i, spec in enumerate(specs):
+        perturb(lora.Adapter(lora.load_any(below), spec, str(below)), seed=i + 1).save(tmp_path / f"a{i}")
+        below = tmp_path / f"a{i}"
+    return below
+
+
+def test_flattened_chain_equals_peft_merging_the_chain(tmp_path, capsys):
+    """peft loads each adapter of the chain onto the merged one before it; the flattened adapter,
+    loaded alone by peft and here, gives the same logits."""
+    peft = pytest.importorskip("peft", reason="peft is the reference (requirements-test.txt)")
+    import transformers
+    base = hf_base(tmp_path)
+    top = _chain_of_three(tmp_path, base)
+    assert lora.main(["--adapter", str(top), "--out", str(tmp_path / "flat")]) == 0
+    config = json.loads((tmp_path / "flat" / lora.CONFIG_FILE).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (9, 9 * 3.0 / 3, str(base))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(base).float()
+    for i in range(3):
+        ref = peft.PeftModel.from_pretrained(ref, tmp_path / f"a{i}").merge_and_unload()
+    flat = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base).float(),
+                                          tmp_path / "flat")
+    with torch.no_grad():
+        ref_logits = ref.eval()(IDS).logits
+        assert (ref_logits - transformers.AutoModelForCausalLM.from_pretrained(base).float()(IDS).logits
+                ).abs().max() > 1e-2   # the chain moves the model
+        assert (flat.eval()(IDS).logits - ref_logits).abs().max().item() <= 1e-5
+        assert (lora.load_any(tmp_path / "flat")(IDS) - ref_logits).abs().max().item() <= 1e-5
+        assert (lora.load_any(top)(IDS) - ref_logits).abs().max().item() <= 1e-5
+
+
+def test_flatten_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
+    base = hf_base(tmp_path)
+    top = _chain_of_three(tmp_path, base)
+    perturb(lora.Adapter(lora.load_any(top), lora.LoraSpec(2, 4.0, ("q_proj",), (0, 2)), str(top))).save(
+        tmp_path / "other-targets")
+    capsys.readouterr()   # transformers' progress bars
+    for flags, expected in [(["--adapter", str(base)], "not an adapter folder"),
+                            (["--adapter", str(top), "--out", str(tmp_path / "a0")], "does not exist yet"),
+                            (["--adapter", str(tmp_path / "other-targets")], "differ from")]:
+        flags = flags if "--out" in flags else [*flags, "--out", str(tmp_path / "flat")]
+        assert lora.main(flags) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "flat").exists()
+    assert sorted(p.name for p in (tmp_path / "a0").iterdir()) == [lora.CONFIG_FILE, lora.WEIGHTS_FILE]
+
+
 def _small_model(seed=0):
     return M.init_weights(M.Transformer(M.ModelConfig(**BASE)), seed=seed, std=0.1)
 
