@@ -32,11 +32,17 @@ Design choices, and why:
   build or load their model themselves, from the same seed or checkpoint; `check_same` then
   compares a checksum of the weights and the resume step across ranks, so a node that sees a
   different run folder stops the run at its start instead of training another model.
+- Under torchrun a rank that has finished (the group destroyed, every file written) leaves with
+  `os._exit` after flushing its output (`exit_process`), skipping the interpreter's teardown:
+  there, threads that gloo or an abandoned callee left behind could abort the process
+  ("terminate called without an active exception", SIGABRT), and torchrun would report a run
+  that saved everything as failed.
 """
 import contextlib
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +169,16 @@ class World:
             reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason   # gloo's source position
             raise RankLost(f"error: rank {self.rank} of {self.size}: the {what} failed ({reason[:200]}): another "
                            "rank died or stalled; its log, or torchrun's report, names it") from None
+
+
+def exit_process(code: int):
+    """End the process with status `code`: under torchrun without the interpreter's teardown
+    (see the module's docstring), else as sys.exit does."""
+    if world_size_from_env() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def world_size_from_env() -> int:

@@ -448,4 +448,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dataparallel.exit_process(main())

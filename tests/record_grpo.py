@@ -30,4 +30,4 @@ def recording_train_on(model, reference, optimizer, rollouts, config, lr, *args,
 if __name__ == "__main__":
     RECORD.mkdir(parents=True, exist_ok=True)
     grpo.train_on = recording_train_on
-    sys.exit(grpo.main(sys.argv[2:]))
+    grpo.dataparallel.exit_process(grpo.main(sys.argv[2:]))
