@@ -123,6 +123,10 @@ class Engine:
         # `append`'s fixed cost of one pass, in tokens, against padding (see pack_by_length);
         # a huge value gives one pass padded to the longest append (the benchmark's baseline).
         self.append_pass_cost = 32
+        # A pass over scattered rows attends to every prompt group, and reads the span of
+        # suffixes that holds its rows, when that is at most this many times its own (see
+        # _plan); 1 gathers copies of the rows' KV instead (the benchmark's baseline).
+        self.spread_limit = 3
         n = sum(branches)
         group_of = torch.tensor([g for g, b in enumerate(branches) for _ in range(b)], device=self.device)
         self.suffix_len = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -225,7 +229,7 @@ class Engine:
             write = (rows[:, None], slice(None), slots)
         groups, group_idx = torch.unique(group, return_inverse=True)
         n_groups = self.prefix_k.shape[1]
-        if n_groups < 3 * len(groups):
+        if len(groups) < n_groups <= self.spread_limit * len(groups):
             # Gathering the rows' prompts costs a copy of their KV at every layer, which reads
             # and writes as much as attending to it; past a third of the groups, attending to
             # every group (idle ones with zero queries, their output dropped) is cheaper.
@@ -243,7 +247,7 @@ class Engine:
         first, last = int(rows.min()), int(rows.max())
         if contiguous:
             read, read_row = slice(r0, r0 + A), None
-        elif last + 1 - first <= 3 * A:
+        elif last + 1 - first <= self.spread_limit * A:
             read, read_row = slice(first, last + 1), rows - first
         else:
             read, read_row = rows, None
