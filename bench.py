@@ -36,11 +36,6 @@ an unmasked step), which is steadier on a shared machine than the end-to-end dif
 
     python bench.py --mask --presets smollm2-135m --prefix-lens 400 --branches 16
 
-`--idle N ...` times decode steps with N of G single-episode prompts idle, gathering the active
-ones' KV against attending over all of them (Engine.spread_limit), alternated on one engine:
-
-    python bench.py --idle 0 4 8 12 --presets smollm2-135m --prefix-lens 600 --branches 16 --new-tokens 16
-
 `--play DIR` profiles policy.play_batch end to end as evaluation runs it (held-out tasks,
 greedy, masked): prefill, decode passes, appended state messages, attention and the output layer
 inside them, the mask, sampling, the environment, and the rest:
@@ -107,9 +102,6 @@ class BenchConfig:
                                     "--mask benchmark compiles the mask against", "mask")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
-    idle: list[int] = cli.field([], "instead: time decode steps of evaluation's shape, max(--branches) prompts of "
-                                "one episode each, with this many of them idle: gathering the active ones' KV "
-                                "against attending over all (Engine.spread_limit)", "cases")
     play: str = cli.field("", "instead: profile policy.play_batch end to end with this checkpoint or adapter "
                           "folder on --play-n held-out tasks (where the time goes, under cProfile)", "play")
     play_n: int = cli.field(16, "held-out tasks --play plays (seed --seed, seen pool family)", "play")
@@ -212,8 +204,6 @@ def validate(cfg: BenchConfig) -> None:
         cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
     cli.check(not cfg.mask or os.path.isfile(os.path.join(cfg.mask_tokenizer, "tokenizer.json")),
               f"--mask-tokenizer {cfg.mask_tokenizer}: no tokenizer.json there (python convert_gguf.py writes SmolLM2's)")
-    cli.check(all(0 <= n < max(cfg.branches or [1]) for n in cfg.idle),
-              f"--idle {' '.join(map(str, cfg.idle))}: each from 0 to max(--branches) - 1")
     cli.check(min(cfg.append_lens, default=1) >= 1, f"--append-lens must be lengths of at least 1 (got {cfg.append_lens})")
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
@@ -242,8 +232,6 @@ def main(argv=None):
         return bench_tokens(cfg)
     if cfg.append_lens:
         return bench_append(cfg, dtype)
-    if cfg.idle:
-        return bench_idle(cfg, dtype)
     if cfg.sft_shared:
         return bench_sft_shared(cfg)
     if cfg.train:
@@ -509,40 +497,6 @@ def bench_append(cfg, dtype) -> int:
         print(f"{preset}, prompt {len(prompt)}, appends {cfg.append_lens}, {cfg.device}, best of {cfg.repeats}: "
               + ", ".join(f"{how} {s * 1000:.0f} ms" for how, s in best.items())
               + f"; packed is {best['padded'] / best['packed']:.2f}x faster than padded")
-    return 0
-
-
-def bench_idle(cfg, dtype) -> int:
-    """Decode steps as evaluation runs them: G = max(--branches) prompts of --prefix-lens[0]
-    tokens, one episode each with a 128-token suffix, of which --idle are idle (between turns,
-    or done) and the rest decode --new-tokens tokens. Gathering the active ones' prompt and
-    suffix KV at every layer (spread_limit 1) against attending over every prompt and the span
-    of suffixes (spread_limit 3), alternated on one engine, the gathering way first (so the
-    spreading way sees suffixes a few tokens longer)."""
-    G, P = max(cfg.branches), cfg.prefix_lens[0]
-    for preset in cfg.presets:
-        config = M.preset_config(preset, **({"vocab_size": cfg.tiny_vocab} if preset == "tiny" else {}))
-        model = M.build_model(config, cfg.device, dtype, seed=cfg.seed).eval()
-        prompts = torch.randint(0, config.vocab_size, (G, P)).tolist()
-        params = SamplingParams(temperature=0.0, max_new_tokens=cfg.new_tokens)
-        for idle in cfg.idle:
-            engine = Engine(model, prompts, 1, 128 + 2 * (cfg.repeats + 1) * cfg.new_tokens)
-            engine.append({b: torch.randint(0, config.vocab_size, (128,)).tolist() for b in range(G)})
-            # active episodes spread over the batch, as episodes end at random turns
-            active = sorted(torch.randperm(G, generator=torch.Generator().manual_seed(cfg.seed))[:G - idle].tolist())
-            best = {}
-            for repeat in range(cfg.repeats + 1):   # the first round warms up
-                for limit in (1, 3):
-                    engine.spread_limit = limit
-                    sync(cfg.device)
-                    t0 = time.perf_counter()
-                    engine.generate(params, branches=active)
-                    sync(cfg.device)
-                    if repeat:
-                        best[limit] = min(best.get(limit, float("inf")), (time.perf_counter() - t0) / cfg.new_tokens)
-            print(f"{preset}, {G} prompts of {P} tokens, {idle} idle, {cfg.device}, best of {cfg.repeats}: gather "
-                  f"{best[1] * 1000:.1f} ms/step, spread {best[3] * 1000:.1f} ms/step; spread is "
-                  f"{best[1] / best[3]:.2f}x faster")
     return 0
 
 

@@ -61,23 +61,15 @@ class PassPlan:
     positions: torch.Tensor       # [A, T] absolute positions (prefix length + suffix slot)
     write: tuple                  # index of the new tokens' K/V in a layer's suffix cache
     write_is_head_major: bool     # True: `write` is slices, the cache view is [A, Hkv, T, D]
-    read: tuple                   # the rows' suffix K/V in use after the write (a span of branches)
-    read_row: torch.Tensor | None  # [A] each row's place in that span; None: the span is the rows
+    read: tuple                   # the rows' suffix K/V in use after the write
     start: torch.Tensor           # [A] int32 suffix slot of each row's first new token
     T: int                        # new tokens per row (padded)
     R: int                        # rows of the fullest group
-    groups: torch.Tensor          # prefix groups attended to (sorted): these rows', or all
+    groups: torch.Tensor          # prefix groups these rows belong to (sorted)
     group_idx: torch.Tensor       # [A] index into `groups` of each row
     slot_in_group: torch.Tensor | None  # [A] rank in its group; None when folding is a reshape
     prefix_len: torch.Tensor      # [len(groups)] int32
     all_groups: bool              # every group of the engine is present
-
-
-def _spread(x: torch.Tensor, at: torch.Tensor, n: int) -> torch.Tensor:
-    """x [A, ...] placed at rows `at` of a zero tensor [n, ...]."""
-    out = x.new_zeros((n, *x.shape[1:]))
-    out[at] = x
-    return out
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -123,10 +115,6 @@ class Engine:
         # `append`'s fixed cost of one pass, in tokens, against padding (see pack_by_length);
         # a huge value gives one pass padded to the longest append (the benchmark's baseline).
         self.append_pass_cost = 32
-        # A pass over scattered rows attends to every prompt group, and reads the span of
-        # suffixes that holds its rows, when that is at most this many times its own (see
-        # _plan); 1 gathers copies of the rows' KV instead (the benchmark's baseline).
-        self.spread_limit = 3
         n = sum(branches)
         group_of = torch.tensor([g for g, b in enumerate(branches) for _ in range(b)], device=self.device)
         self.suffix_len = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -228,32 +216,17 @@ class Engine:
             slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
             write = (rows[:, None], slice(None), slots)
         groups, group_idx = torch.unique(group, return_inverse=True)
-        n_groups = self.prefix_k.shape[1]
-        if len(groups) < n_groups <= self.spread_limit * len(groups):
-            # Gathering the rows' prompts costs a copy of their KV at every layer, which reads
-            # and writes as much as attending to it; past a third of the groups, attending to
-            # every group (idle ones with zero queries, their output dropped) is cheaper.
-            groups, group_idx = torch.arange(n_groups, device=self.device), group
-        counts = torch.bincount(group_idx, minlength=len(groups))
+        counts = torch.bincount(group_idx)
         R = int(counts.max())
         slot_in_group = None  # None: every group has R rows, in order, so folding is a reshape
         if not (bool((group_idx[1:] >= group_idx[:-1]).all()) and A == len(groups) * R):
             order = torch.argsort(group_idx, stable=True)
             slot_in_group = torch.empty_like(group_idx)
             slot_in_group[order] = torch.arange(A, device=self.device) - (torch.cumsum(counts, 0) - counts)[group_idx[order]]
-        # The rows' suffixes: contiguous rows are a view. Scattered rows are read as the span of
-        # branches that holds them (idle ones with zero queries), for the same reason as the
-        # groups, unless the span is over 3x as many rows.
-        first, last = int(rows.min()), int(rows.max())
-        if contiguous:
-            read, read_row = slice(r0, r0 + A), None
-        elif last + 1 - first <= self.spread_limit * A:
-            read, read_row = slice(first, last + 1), rows - first
-        else:
-            read, read_row = rows, None
         return PassPlan(
             positions=self.prefix_len[group][:, None] + start[:, None] + offsets,
-            write=write, write_is_head_major=lockstep, read=(read, slice(None), slice(0, used)), read_row=read_row,
+            write=write, write_is_head_major=lockstep,
+            read=(slice(r0, r0 + A) if contiguous else rows, slice(None), slice(0, used)),
             start=start.to(torch.int32), T=T, R=R, groups=groups, group_idx=group_idx,
             slot_in_group=slot_in_group, prefix_len=self.prefix_len[groups].to(torch.int32),
             all_groups=len(groups) == self.prefix_k.shape[1])
@@ -281,16 +254,10 @@ class Engine:
         if plan.slot_in_group is not None:
             out1, lse1 = out1[plan.group_idx, plan.slot_in_group], lse1[plan.group_idx, plan.slot_in_group]
         # Suffix part (only the slots in use), merged into the prefix part by log-sum-exp.
-        q, start = q.transpose(1, 2), plan.start
-        out1, lse1 = out1.reshape(A, H * rep, T, D), lse1.reshape(A, H * rep, T)
-        if plan.read_row is not None:  # rows spread over a span: idle rows query nothing real
-            n = plan.read[0].stop - plan.read[0].start
-            q, out1, lse1, start = (_spread(x, plan.read_row, n) for x in (q, out1, lse1, start))
         out, _ = prefix_attn.suffix_merge_attention(
-            q, self.suffix_k[layer][plan.read], self.suffix_v[layer][plan.read],
-            start, self.scale, out1.contiguous(), lse1.contiguous())
-        if plan.read_row is not None:
-            out = out[plan.read_row]
+            q.transpose(1, 2), self.suffix_k[layer][plan.read], self.suffix_v[layer][plan.read],
+            plan.start, self.scale, out1.reshape(A, H * rep, T, D).contiguous(),
+            lse1.reshape(A, H * rep, T).contiguous())
         return out.transpose(1, 2)
 
     # -- public API ------------------------------------------------------------------------------

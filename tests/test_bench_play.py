@@ -15,11 +15,3 @@ def test_play_profile_finds_the_passes(tmp_path, capsys):
     assert parts["prefill"] > 0 and parts["decode steps"] > 0 and parts["  of which output layer"] > 0
     assert 0 < parts["  of which attention"] + parts["  of which output layer"] <= passes
     assert parts["protocol mask"] > 0 and passes + parts["protocol mask"] <= parts["total"]
-
-
-def test_idle_benchmark_times_both_ways_for_each_idle_count(capsys):
-    assert bench.main(["--idle", "0", "3", "--presets", "tiny", "--prefix-lens", "16", "--branches", "4",
-                       "--new-tokens", "2", "--repeats", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(", ")[2] for line in lines] == ["0 idle", "3 idle"]
-    assert all("gather" in line and "spread" in line and line.endswith("x faster") for line in lines)

@@ -60,15 +60,13 @@ def test_greedy_branches_match_decoding_each_branch_alone(tiny, share_prefix):
             assert second[list(state).index(b)].token_ids == greedy_alone(tiny, history, 6), f"branch {b}, turn 2"
 
 
-@pytest.mark.parametrize("spread_limit", [1, 3, 100])   # gather the rows' KV; the default; always spread
-def test_scattered_rows_match_each_branch_alone(tiny, spread_limit):
+def test_scattered_rows_match_each_branch_alone(tiny):
     """Evaluation's shape: many prompts of one or two branches, only some of them decoding or
     appending in a pass (the rest between turns or done)."""
     prompts = [PROMPTS[0], PROMPTS[1], [8, 9, 10], [33, 34, 35, 36, 37, 38], [44, 45, 46, 47]]
     branches = [1, 2, 1, 2, 1]
     prompt_of = [g for g, n in enumerate(branches) for _ in range(n)]
     engine = Engine(tiny, prompts, branches=branches, max_suffix_len=64)
-    engine.spread_limit = spread_limit
     history = {b: list(prompts[g]) for b, g in enumerate(prompt_of)}
     for turn, rows in enumerate([[0, 2, 3, 4, 5, 6], [1, 5], [0, 6], [3], [2, 3, 4, 6]]):
         state = {b: [(5 * b + turn + i) % VOCAB for i in range(1 + (b + turn) % 3)] for b in rows}
