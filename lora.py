@@ -338,7 +338,7 @@ def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
     low-rank approximation, and peft loads it on the base alone. The chain's adapters must sit
     on the same targets and layers (what sft.py and grpo.py make when they continue one)."""
     from safetensors.torch import load_file
-    folders = chain(path)[:-1]
+    *folders, base = chain(path)
     if not folders:
         raise ValueError(f"{path}: not an adapter folder (no {CONFIG_FILE})")
     specs = [read_adapter_config(f)[0] for f in folders]
@@ -359,7 +359,7 @@ def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
             flat[name] = torch.cat([t[name] for t in tensors], dim=0)
         else:
             flat[name] = torch.cat([t[name] * (s.scale / spec.scale) for t, s in zip(tensors, specs)], dim=1)
-    return peft_config(spec, base_name(chain(path)[-1])), flat
+    return peft_config(spec, base_name(base)), flat
 
 
 @dataclass
@@ -381,7 +381,7 @@ def main(argv=None):
         raise cli.UsageError(str(e)) from None
     write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     print(f"wrote {cfg.out}: one rank-{config['r']} adapter on {config['base_model_name_or_path']}, "
-          f"equal to the chain of {len(chain(cfg.adapter)) - 1} ending at {cfg.adapter}")
+          f"equal to the chain of adapters ending at {cfg.adapter}")
     return 0
 
 
