@@ -108,9 +108,10 @@ def pool_for_episode(pool: str, world, seed, index: int):
 def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvConfig,
              reward_config: RewardConfig, device: str = "auto", temperature: float = 0.0,
              max_new_tokens: int = 256, batch: int = 16, max_suffix_len: int = 2048, quiet: bool = False,
-             tasks: list | None = None, mask: bool = True) -> dict:
+             tasks: list | None = None, mask: bool = True, played: list | None = None) -> dict:
     """n tasks of `split` (or the first n of `tasks`, e.g. a JSONL dataset's, whose callees see
-    the split's default world, as a free-text query's do), played and summarized."""
+    the split's default world, as a free-text query's do), played and summarized. The played
+    Episodes are appended to `played` when one is given (infer.py --episodes-out)."""
     source = split if tasks is None else tasks[0].split     # a dataset's tasks carry its path
     tasks = make_tasks(split, n, seed) if tasks is None else tasks[:n]
     n = len(tasks)
@@ -120,6 +121,8 @@ def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvCo
                 for i, task in enumerate(tasks)]
     play_episodes(policy, episodes, list(range(n)), device, temperature, max_new_tokens, seed, batch, max_suffix_len,
                   quiet, mask)
+    if played is not None:
+        played.extend(episodes)
     results: list[EpisodeResult] = [e.result() for e in episodes]
     wide_latency = [r.latency for t, r in zip(tasks, results) if graph_width(t.subtasks) >= 3]
     name = policy if isinstance(policy, str) else "model"

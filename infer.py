@@ -7,6 +7,7 @@
                                                                     0% and 20% injected failures
     python infer.py --query "..."                                   free text, played by the released orchestrator
     python infer.py --eval --policy CHECKPOINT --tasks qa.jsonl     a dataset: {"question", "answer"} a line
+    python infer.py --eval --policy CHECKPOINT --episodes-out e.jsonl   and every episode, to read its errors
 
 Design choices, and why:
 - Playing and scoring live in evaluation.py (shared with training); this file is the command
@@ -65,6 +66,8 @@ class InferOptions:
                            "its first --n tasks; needs a checkpoint --policy; callees see --split's default world)",
                            "run")
     n: int = cli.field(200, "number of episodes to evaluate", "run")
+    episodes_out: str = cli.field("", "--eval: also write every played episode (question, gold, each round's "
+                                  "turn and calls, answer, result) to this new JSONL file", "run")
     task_index: int = cli.field(0, "which generated task --trace runs", "run")
     seed: int = cli.field(0, "seed for tasks, pool draws and callee randomness", "run")
     device: str = cli.field("auto", "cpu or cuda for checkpoint policies (auto: cuda if available)", "run")
@@ -192,6 +195,16 @@ def trace_json(episode: Episode) -> dict:
             "answer": episode.answer, "result": result.to_json()}
 
 
+def write_episodes(episodes: list[Episode], path: str) -> None:
+    """One trace_json object a line, written whole or not at all: a run stopped before the end
+    leaves no partial file under `path`."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        for episode in episodes:
+            f.write(json.dumps(trace_json(episode)) + "\n")
+    os.replace(partial, path)
+
+
 def print_trace(episode: Episode) -> None:
     t, result = episode.task, episode.result()
     print(f"question: {t.question}")
@@ -264,6 +277,12 @@ def validate(config) -> tuple[list[Task] | None, tuple[str, Task] | None]:
             raise cli.UsageError(f"--tasks: {e}") from None
     if config.query is not None:
         check(bool(config.query.strip()), "--query is empty: give the question to answer")
+    if config.episodes_out:
+        out = config.episodes_out
+        check(config.eval and bool(policy), "--episodes-out records one policy's evaluation: use it with --eval "
+                                            "and --policy")
+        check(not os.path.lexists(out), f"--episodes-out {out}: already exists (it is not overwritten)")
+        check(os.path.isdir(os.path.dirname(out) or "."), f"--episodes-out {out}: no such folder")
     if not policy:
         pass    # --trace plays the oracle; --eval prints the table
     elif "/" in policy or os.sep in policy or os.path.exists(policy):
@@ -346,10 +365,13 @@ def run(config) -> int:
     if config.table or (config.eval and not config.policy):
         table(config, env_config, reward_config)
     elif config.eval:
+        played = []
         summary = evaluate(config.policy, config.pool, config.split, config.n, config.seed,
                            env_config, reward_config, config.device, config.temperature, config.max_new_tokens,
                            config.batch_episodes, config.max_suffix_len,
-                           tasks=dataset, mask=config.mask)
+                           tasks=dataset, mask=config.mask, played=played)
+        if config.episodes_out:
+            write_episodes(played, config.episodes_out)
         print(json.dumps(summary) if config.json else "", end="\n" if config.json else "")
         if not config.json:
             print_summary(summary)

@@ -326,3 +326,21 @@ def test_no_bubblewrap_refuses_instead_of_printing_other_numbers(capsys, no_play
     monkeypatch.setattr(tools, "bwrap_path", lambda: None)
     monkeypatch.setattr(tools, "_warned_no_bwrap", True)
     rejected(capsys, infer.main, argv, "unseen-b", "'sandbox'", "apt-get install bubblewrap")
+
+
+# ---- infer.py: --episodes-out --------------------------------------------------------------------
+
+def test_episodes_out_is_never_overwritten(capsys, no_play, tmp_path):
+    out = tmp_path / "e.jsonl"
+    out.write_text("earlier results\n")
+    rejected(capsys, infer.main, ["--eval", "--policy", "oracle", "--episodes-out", str(out)], str(out), "already exists")
+    assert out.read_text() == "earlier results\n"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--eval", "--policy", "oracle", "--episodes-out", "no/such/dir/e.jsonl"], ["no/such/dir/e.jsonl", "no such folder"]),
+    (["--eval", "--episodes-out", "e.jsonl"], ["--episodes-out", "--policy"]),
+    (["--trace", "--episodes-out", "e.jsonl"], ["--episodes-out", "--eval"]),
+])
+def test_episodes_out_needs_one_evaluation_and_a_folder(capsys, no_play, argv, expected):
+    rejected(capsys, infer.main, argv, *expected)

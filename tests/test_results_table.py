@@ -5,6 +5,7 @@ import json
 import infer
 from env import EnvConfig, RewardConfig
 from evaluation import evaluate
+from tasks import make_tasks
 
 
 def _run(root, stage, name, **config):
@@ -62,3 +63,21 @@ def test_markdown_table(tmp_path, capsys, monkeypatch):
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
     assert lines[0].startswith("| policy | pool | failures | success")
     assert len(lines) == 2 + 2 * len(infer.SCRIPTED) and all("| 20% |" in l for l in lines[2:])
+
+
+def test_episodes_out_holds_every_episode_of_the_evaluation(tmp_path, capsys):
+    out = tmp_path / "episodes.jsonl"
+    assert infer.main(["--eval", "--policy", "random", "--n", "8", "--seed", "0", "--failure-rate", "0.3", "--json",
+                       "--episodes-out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tasks = make_tasks("heldout", 8, 0)
+    assert [(r["question"], r["gold"]) for r in rows] == [(t.question, t.answer) for t in tasks]
+    successes = [r["result"]["success"] for r in rows]
+    assert 0 < sum(successes) < 8                      # random routing: some right, some wrong
+    assert sum(successes) / 8 == summary["success"]
+    for r in rows:   # every executed call is in its round, and an episode's calls add up to its result's
+        assert sum(len(round_["calls"]) for round_ in r["rounds"]) == r["result"]["calls"]
+        assert len(r["rounds"]) == r["result"]["rounds"]
+        assert r["answer"] == r["result"]["answer"]
+    assert [p.name for p in tmp_path.iterdir()] == ["episodes.jsonl"]    # no partial file left
