@@ -29,6 +29,11 @@ Design choices, and why:
 - A chain flattens into one adapter, exactly (`python lora.py --adapter TOP --out DIR`): the
   merged terms add up to one LoRA term whose rank is the sum of theirs. A release continued from
   an earlier one ships as a single folder that peft loads on the base alone.
+- Every stage adds its rank, so a flattened chain grows with each stage. `--rank R` keeps, per
+  target, the best rank-R approximation of its summed term (the top R singular directions,
+  which minimize the error in Frobenius norm), and `--dtype float16` stores the tensors in half
+  precision; both are lossy, so the result is a new policy to evaluate, and the command prints
+  the discarded share of each term's norm. Loading casts the tensors back to the model's dtype.
 """
 import json
 import math
@@ -362,10 +367,43 @@ def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return peft_config(spec, base_name(base)), flat
 
 
+def truncate(config: dict, tensors: dict[str, torch.Tensor], rank: int) -> tuple[dict, dict, list[float]]:
+    """The best rank-`rank` adapter for each target of a (flattened) adapter, at the same scale,
+    and per target the share of its term's Frobenius norm that was dropped.
+
+    A term B @ A (B [out, r], A [r, in]) is factored without forming it: B = Qb Rb and
+    A^T = Qa Ra (QR), so B A = Qb (Rb Ra^T) Qa^T, and the SVD of the small r x r middle,
+    U S V^T, gives the term's SVD. The top `rank` directions, split as sqrt(S) on each side,
+    are the new B and A. In float64, so the rotation itself loses nothing."""
+    if not 0 < rank <= config["r"]:
+        raise ValueError(f"--rank {rank}: must be between 1 and the adapter's rank {config['r']}")
+    out, dropped = {}, []
+    for a_name in sorted(n for n in tensors if ".lora_A." in n):
+        b_name = a_name.replace(".lora_A.", ".lora_B.")
+        a, b = tensors[a_name].double(), tensors[b_name].double()
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        u, sv, vh = torch.linalg.svd(rb @ ra.T)
+        root = sv[:rank].sqrt()
+        out[b_name] = ((qb @ u[:, :rank]) * root).to(tensors[b_name].dtype)
+        out[a_name] = ((root[:, None] * vh[:rank]) @ qa.T).to(tensors[a_name].dtype)
+        total = sv.square().sum()
+        dropped.append(float((sv[rank:].square().sum() / total).sqrt()) if total > 0 else 0.0)
+    scale = config["lora_alpha"] / config["r"]
+    return {**config, "r": rank, "lora_alpha": scale * rank}, out, dropped
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class FlattenConfig:
-    adapter: str = cli.field("", "an adapter folder whose base is another adapter (a chain)", "input / output")
+    adapter: str = cli.field("", "an adapter folder, alone or the top of a chain of them", "input / output")
     out: str = cli.field("", "the new folder to write: one adapter on the chain's full checkpoint", "input / output")
+    rank: int = cli.field(0, "keep each target's best rank-R approximation (0: the chain's summed rank, exact)",
+                          "compression")
+    dtype: str = cli.field("float32", "the stored tensors' precision (float16 halves the folder)", "compression",
+                           choices=tuple(DTYPES))
 
 
 @cli.entry_point
@@ -375,13 +413,21 @@ def main(argv=None):
     cli.check(bool(cfg.adapter) and is_adapter(cfg.adapter),
               f"--adapter {cfg.adapter!r}: not an adapter folder (no {CONFIG_FILE})")
     cli.check(bool(cfg.out) and not Path(cfg.out).exists(), f"--out {cfg.out!r}: name a folder that does not exist yet")
+    cli.check(cfg.rank >= 0, f"--rank {cfg.rank}: must be 0 (exact) or positive")
     try:
         config, tensors = flatten(cfg.adapter)
+        if cfg.rank:
+            config, tensors, dropped = truncate(config, tensors, cfg.rank)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    tensors = {n: t.to(DTYPES[cfg.dtype]) for n, t in tensors.items()}
     write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
-    print(f"wrote {cfg.out}: one rank-{config['r']} adapter on {config['base_model_name_or_path']}, "
-          f"equal to the chain of adapters ending at {cfg.adapter}")
+    how = "equal to" if not cfg.rank and cfg.dtype == "float32" else "approximating"
+    print(f"wrote {cfg.out}: one rank-{config['r']} {cfg.dtype} adapter on {config['base_model_name_or_path']}, "
+          f"{how} the chain of adapters ending at {cfg.adapter}")
+    if cfg.rank:
+        print(f"--rank {cfg.rank} dropped {sum(dropped) / len(dropped):.2%} of a target's norm on average "
+              f"(at most {max(dropped):.2%}, over {len(dropped)} targets)")
     return 0
 
 

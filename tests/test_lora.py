@@ -134,6 +134,46 @@ def test_flattened_chain_equals_peft_merging_the_chain(tmp_path, capsys):
         assert (lora.load_any(top)(IDS) - ref_logits).abs().max().item() <= 1e-5
 
 
+def test_truncated_flatten_is_the_dense_svd_of_peft_merging_the_chain(tmp_path, capsys):
+    """--rank R: each target's weight moves by the best rank-R approximation of what peft's merge
+    of the whole chain moves it by (a dense SVD of the difference, truncated); --rank at the full
+    rank is exact; --dtype float16 stores half-precision tensors that peft and load_any read back
+    to within fp16 rounding."""
+    peft = pytest.importorskip("peft", reason="peft is the reference (requirements-test.txt)")
+    import transformers
+    base = hf_base(tmp_path)
+    top = _chain_of_three(tmp_path, base)
+    plain = lambda: transformers.AutoModelForCausalLM.from_pretrained(base).float()
+    ref = plain()
+    for i in range(3):
+        ref = peft.PeftModel.from_pretrained(ref, tmp_path / f"a{i}").merge_and_unload()
+    ref_w, base_w = ref.state_dict(), plain().state_dict()
+    for rank in (4, 9):
+        assert lora.main(["--adapter", str(top), "--out", str(tmp_path / f"r{rank}"), "--rank", str(rank)]) == 0
+        config = json.loads((tmp_path / f"r{rank}" / lora.CONFIG_FILE).read_text())
+        assert (config["r"], config["lora_alpha"]) == (rank, rank * 3.0 / 3)   # the chain's flat scale, kept
+        ours = lora.load_any(tmp_path / f"r{rank}").state_dict()
+        moved = [n for n in base_w if not torch.equal(ref_w[n], base_w[n])]
+        assert len(moved) == 4   # q_proj and up_proj of layers 0 and 2
+        for n in moved:
+            u, s, vh = torch.linalg.svd((ref_w[n] - base_w[n]).double())
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            assert (ours[n].double() - base_w[n].double() - best).abs().max().item() <= 1e-5, n
+            if rank == 4:
+                assert (s[4:9] > 1e-3).all()   # the truncation dropped something real
+    out = capsys.readouterr().out
+    assert "dropped" in out and "approximating" in out
+    assert lora.main(["--adapter", str(top), "--out", str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    tensors = load_file(str(tmp_path / "half" / lora.WEIGHTS_FILE))
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert (tmp_path / "half" / lora.WEIGHTS_FILE).stat().st_size < 0.6 * (tmp_path / "r9" / lora.WEIGHTS_FILE).stat().st_size
+    with torch.no_grad():
+        ref_logits = ref.eval()(IDS).logits
+        half = peft.PeftModel.from_pretrained(plain(), tmp_path / "half").eval()(IDS).logits
+        err = (lora.load_any(tmp_path / "half")(IDS) - ref_logits).abs().max().item()
+        assert (half - ref_logits).abs().max().item() <= 1e-2 and 1e-7 < err <= 1e-2
+
+
 def test_flatten_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
     base = hf_base(tmp_path)
     top = _chain_of_three(tmp_path, base)
@@ -142,7 +182,9 @@ def test_flatten_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, caps
     capsys.readouterr()   # transformers' progress bars
     for flags, expected in [(["--adapter", str(base)], "not an adapter folder"),
                             (["--adapter", str(top), "--out", str(tmp_path / "a0")], "does not exist yet"),
-                            (["--adapter", str(tmp_path / "other-targets")], "differ from")]:
+                            (["--adapter", str(tmp_path / "other-targets")], "differ from"),
+                            (["--adapter", str(top), "--rank", "10"], "between 1 and the adapter's rank 9"),
+                            (["--adapter", str(top), "--rank", "-1"], "--rank -1")]:
         flags = flags if "--out" in flags else [*flags, "--out", str(tmp_path / "flat")]
         assert lora.main(flags) == 2
         err = capsys.readouterr().err
