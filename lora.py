@@ -34,6 +34,7 @@ Design choices, and why:
   which minimize the error in Frobenius norm), and `--dtype float16` stores the tensors in half
   precision; both are lossy, so the result is a new policy to evaluate, and the command prints
   the discarded share of each term's norm. Loading casts the tensors back to the model's dtype.
+  The folder's `flatten.json` records the chain, the ranks, the dtype and that share.
 """
 import json
 import math
@@ -55,6 +56,7 @@ ROOT = Path(__file__).resolve().parent
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+RECORD_FILE = "flatten.json"   # what `python lora.py` made a folder from (peft ignores it)
 
 
 @dataclass(frozen=True)
@@ -416,12 +418,17 @@ def main(argv=None):
     cli.check(cfg.rank >= 0, f"--rank {cfg.rank}: must be 0 (exact) or positive")
     try:
         config, tensors = flatten(cfg.adapter)
+        summed = config["r"]
         if cfg.rank:
             config, tensors, dropped = truncate(config, tensors, cfg.rank)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     tensors = {n: t.to(DTYPES[cfg.dtype]) for n, t in tensors.items()}
-    write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
+    record = {"chain": [str(f) for f in chain(cfg.adapter)[:-1]], "summed_rank": summed, "rank": config["r"],
+              "dtype": cfg.dtype, "dropped_norm_share": {"mean": sum(dropped) / len(dropped), "max": max(dropped)}
+              if cfg.rank else None}
+    write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n",
+                           RECORD_FILE: json.dumps(record, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     how = "equal to" if not cfg.rank and cfg.dtype == "float32" else "approximating"
     print(f"wrote {cfg.out}: one rank-{config['r']} {cfg.dtype} adapter on {config['base_model_name_or_path']}, "
           f"{how} the chain of adapters ending at {cfg.adapter}")

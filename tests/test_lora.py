@@ -161,6 +161,9 @@ def test_truncated_flatten_is_the_dense_svd_of_peft_merging_the_chain(tmp_path, 
             assert (ours[n].double() - base_w[n].double() - best).abs().max().item() <= 1e-5, n
             if rank == 4:
                 assert (s[4:9] > 1e-3).all()   # the truncation dropped something real
+        record = json.loads((tmp_path / f"r{rank}" / lora.RECORD_FILE).read_text())
+        assert (record["summed_rank"], record["rank"], record["dtype"]) == (9, rank, "float32")
+        assert record["chain"] == [str(tmp_path / f"a{i}") for i in (2, 1, 0)]
     out = capsys.readouterr().out
     assert "dropped" in out and "approximating" in out
     assert lora.main(["--adapter", str(top), "--out", str(tmp_path / "half"), "--dtype", "float16"]) == 0
