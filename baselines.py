@@ -11,10 +11,7 @@ Design choices, and why:
   would have to: by reading. Its reading uses a small lexicon of skill and level words covering
   both the training wording and the unseen pools' wording.
 - The parallel oracle writes the SFT data, so its turns are what we want a model to learn: a short
-  <think> that names each kind's callee ("2 lookup -> willow, 1 math -> nova"), then every
-  unsolved subtask at once, chained ones through {k} references. The plan routes because a call
-  names its callee (`to="..."`) before its task: without it, a model must choose the callee
-  before it has written what the call is for; with it, each call copies from the plan. On failure
+  <think>, then every unsolved subtask at once, chained ones through {k} references. On failure
   it re-routes to the next near-exact callee (read accuracy >= 0.95) and re-sends what depended
   on the failed call in the same turn; where no near-exact callee is left it asks two callees
   and accepts only an answer they agree on, because a single weak callee trades a visible
@@ -139,7 +136,6 @@ class GraphPolicy:
         self.inputs: dict[str, list[str]] = {}   # call id -> the call ids its {k} references name
         self.next_id = 1
         self.notes: list[str] = []
-        self.sent_to: dict[str, list[str]] = {}  # this turn: subtask kind -> callees, in call order
         self.callees: list[CalleeInfo] = []
 
     def __call__(self, messages: list[dict]) -> str:
@@ -310,7 +306,6 @@ class GraphPolicy:
         ends: dict[int, float] = {}              # this turn's subtasks: estimated end, for queueing
         load, info = _Load(), {c.name: c for c in self.callees}
         lines = []
-        self.sent_to = {}
         for s in todo:
             if any(d not in ids for d in s.deps):
                 continue
@@ -327,9 +322,6 @@ class GraphPolicy:
                 self.call_of[cid] = s.id
                 self.inputs[cid] = [ids[d] for d in s.deps]
                 lines.append(f'<call id="{cid}" to="{callee}">{task}</call>')
-                sent = self.sent_to.setdefault(s.kind, [])
-                if callee not in sent:
-                    sent.append(callee)
                 end = load.take(info[callee], ready) if callee in info else ready
                 if s.id not in self.votes:   # a cross-checked result is not chained on yet
                     ids[s.id], ends[s.id] = cid, end
@@ -354,8 +346,7 @@ class GraphPolicy:
             return "; ".join(self.notes) + "."
         kinds = Counter(s.kind for s in todo)
         ready = sum(1 for s in todo if not s.deps or all(d in self.solved for d in s.deps))
-        parts = ", ".join(f"{n} {k}" + (f" -> {'/'.join(self.sent_to[k])}" if k in self.sent_to else "")
-                          for k, n in kinds.items())
+        parts = ", ".join(f"{n} {k}" for k, n in kinds.items())
         if ready == len(todo):
             return f"{parts}; all independent, send in parallel."
         return f"{parts}; {ready} can start now, the rest wait via {{k}}."
