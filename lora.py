@@ -335,9 +335,10 @@ def load_any(path, device="cpu", dtype=None) -> Transformer:
 # Flattening a chain
 
 
-def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
+def flatten(path) -> tuple[dict, dict[str, torch.Tensor], list[Path]]:
     """One adapter equal to the chain of adapters ending at `path` (an SFT adapter, more SFT on
-    it, GRPO on that): adapter_config.json's dict and the tensors, on the chain's full checkpoint.
+    it, GRPO on that): adapter_config.json's dict and the tensors, on the chain's full checkpoint,
+    and the adapter folders it read (top first).
 
     Merging a chain adds each adapter's term: W + sum_i s_i B_i A_i. That sum is itself one LoRA
     term of rank sum_i r_i, A stacked along the rank and B side by side, with each B_i rescaled
@@ -366,7 +367,7 @@ def flatten(path) -> tuple[dict, dict[str, torch.Tensor]]:
             flat[name] = torch.cat([t[name] for t in tensors], dim=0)
         else:
             flat[name] = torch.cat([t[name] * (s.scale / spec.scale) for t, s in zip(tensors, specs)], dim=1)
-    return peft_config(spec, base_name(base)), flat
+    return peft_config(spec, base_name(base)), flat, folders
 
 
 def truncate(config: dict, tensors: dict[str, torch.Tensor], rank: int) -> tuple[dict, dict, list[float]]:
@@ -417,24 +418,24 @@ def main(argv=None):
     cli.check(bool(cfg.out) and not Path(cfg.out).exists(), f"--out {cfg.out!r}: name a folder that does not exist yet")
     cli.check(cfg.rank >= 0, f"--rank {cfg.rank}: must be 0 (exact) or positive")
     try:
-        config, tensors = flatten(cfg.adapter)
-        summed = config["r"]
+        config, tensors, folders = flatten(cfg.adapter)
+        summed, share = config["r"], None
         if cfg.rank:
             config, tensors, dropped = truncate(config, tensors, cfg.rank)
+            share = {"mean": sum(dropped) / len(dropped), "max": max(dropped)}
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     tensors = {n: t.to(DTYPES[cfg.dtype]) for n, t in tensors.items()}
-    record = {"chain": [str(f) for f in chain(cfg.adapter)[:-1]], "summed_rank": summed, "rank": config["r"],
-              "dtype": cfg.dtype, "dropped_norm_share": {"mean": sum(dropped) / len(dropped), "max": max(dropped)}
-              if cfg.rank else None}
+    record = {"chain": [str(f) for f in folders], "summed_rank": summed, "rank": config["r"],
+              "dtype": cfg.dtype, "dropped_norm_share": share}
     write_folder(cfg.out, {CONFIG_FILE: json.dumps(config, indent=2) + "\n",
                            RECORD_FILE: json.dumps(record, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     how = "equal to" if not cfg.rank and cfg.dtype == "float32" else "approximating"
     print(f"wrote {cfg.out}: one rank-{config['r']} {cfg.dtype} adapter on {config['base_model_name_or_path']}, "
           f"{how} the chain of adapters ending at {cfg.adapter}")
-    if cfg.rank:
-        print(f"--rank {cfg.rank} dropped {sum(dropped) / len(dropped):.2%} of a target's norm on average "
-              f"(at most {max(dropped):.2%}, over {len(dropped)} targets)")
+    if share:
+        print(f"--rank {cfg.rank} dropped {share['mean']:.2%} of a target's norm on average "
+              f"(at most {share['max']:.2%}, over {len(dropped)} targets)")
     return 0
 
 

@@ -148,13 +148,13 @@ def test_truncated_flatten_is_the_dense_svd_of_peft_merging_the_chain(tmp_path, 
     for i in range(3):
         ref = peft.PeftModel.from_pretrained(ref, tmp_path / f"a{i}").merge_and_unload()
     ref_w, base_w = ref.state_dict(), plain().state_dict()
+    moved = [n for n in base_w if not torch.equal(ref_w[n], base_w[n])]
+    assert len(moved) == 4   # q_proj and up_proj of layers 0 and 2
     for rank in (4, 9):
         assert lora.main(["--adapter", str(top), "--out", str(tmp_path / f"r{rank}"), "--rank", str(rank)]) == 0
         config = json.loads((tmp_path / f"r{rank}" / lora.CONFIG_FILE).read_text())
         assert (config["r"], config["lora_alpha"]) == (rank, rank * 3.0 / 3)   # the chain's flat scale, kept
         ours = lora.load_any(tmp_path / f"r{rank}").state_dict()
-        moved = [n for n in base_w if not torch.equal(ref_w[n], base_w[n])]
-        assert len(moved) == 4   # q_proj and up_proj of layers 0 and 2
         for n in moved:
             u, s, vh = torch.linalg.svd((ref_w[n] - base_w[n]).double())
             best = (u[:, :rank] * s[:rank]) @ vh[:rank]
