@@ -37,11 +37,13 @@ from tasks import Task
 
 Policy = Callable[[list[dict]], str]
 
-SKILL_WORDS = {"lookup": ("facts", "knowledge", "trivia", "lookup"),
-               "math": ("arithmetic", "math", "calculator", "calculation"),
-               "text": ("text", "strings", "string", "spelling")}
-LEVEL_WORDS = {"exact": 1.0, "excellent": 0.97, "strong": 0.95, "good": 0.87, "solid": 0.87,
-               "fair": 0.75, "mediocre": 0.72, "weak": 0.5, "poor": 0.5}
+SKILL_WORDS = {"lookup": ("facts", "knowledge", "trivia", "lookup", "lookups"),
+               "math": ("arithmetic", "math", "calculator", "calculation", "sums", "numbers"),
+               "text": ("text", "strings", "string", "spelling", "wordplay")}
+LEVEL_WORDS = {"exact": 1.0, "excellent": 0.97, "strong": 0.95, "expert": 0.95, "superb": 0.95,
+               "good": 0.87, "solid": 0.87, "reliable": 0.87, "capable": 0.87,
+               "fair": 0.75, "average": 0.75, "passable": 0.75, "mediocre": 0.72,
+               "weak": 0.5, "poor": 0.5, "unreliable": 0.5, "shaky": 0.5}
 NEAR_EXACT = 0.95
 MAX_VALUE_CHARS = 60     # an answer pasted into another task is a name or a number, never a paragraph
 _VALUE_NUMBER = re.compile(r"-?\d+(\.\d+)?")

@@ -893,28 +893,42 @@ def load_pool(spec: dict | str, world: World | None, rng: random.Random | None =
     return pool
 
 
-def level_word(accuracy: float, levels: list) -> str:
-    """levels: [[min_accuracy, word], ...] from best to worst."""
-    return next(word for threshold, word in levels if accuracy >= threshold)
+def level_word(accuracy: float, levels: list, rng: random.Random) -> str:
+    """levels: [[min_accuracy, word or [synonyms]], ...] from best to worst; a synonym is drawn
+    only where there is a list, so a family of single words draws as it always did."""
+    word = next(word for threshold, word in levels if accuracy >= threshold)
+    return rng.choice(word) if isinstance(word, list) else word
 
 
 def sample_family(family: dict, rng: random.Random) -> dict:
     """One concrete pool spec from a family: names, costs, latencies, descriptions and agent
-    skill profiles are all drawn at random, so only the description says what a callee is for."""
+    skill profiles are all drawn at random, so only the description says what a callee is for.
+
+    Optional fields widen a family, each drawn only where present (so a family without them
+    draws exactly as before): a tool's "absent" (the chance it is left out of a draw, so its
+    kind must go to agents), a list of synonyms in place of a level word, and the agents'
+    "skill_range" with "skill_range_share" (the share of agents whose accuracy per kind is
+    drawn uniformly from the range instead of from a profile)."""
     names = rng.sample(family["names"], len(family["tools"]) + family["agents"]["count"][1])
-    callees = []
+    callees, options = [], []    # options: each callee's concurrency choices
     for tool in family["tools"]:
-        callees.append({"type": tool["type"], "name": names.pop(), "kind": "tool",
-                        "description": rng.choice(tool["descriptions"]),
-                        "cost": round(rng.uniform(*tool["cost"]), 4),
-                        "latency": round(rng.uniform(*tool["latency"]), 2)})
+        callee = {"type": tool["type"], "name": names.pop(), "kind": "tool",
+                  "description": rng.choice(tool["descriptions"]),
+                  "cost": round(rng.uniform(*tool["cost"]), 4),
+                  "latency": round(rng.uniform(*tool["latency"]), 2)}
+        if not ("absent" in tool and rng.random() < tool["absent"]):
+            callees.append(callee)
+            options.append(tool.get("concurrency", [0]))
     agents = family["agents"]
     for _ in range(rng.randint(*agents["count"])):
-        profile = rng.choice(agents["profiles"])
+        if "skill_range" in agents and rng.random() < agents["skill_range_share"]:
+            profile = {k: rng.uniform(*agents["skill_range"]) for k in KINDS}
+        else:
+            profile = rng.choice(agents["profiles"])
         skills = {k: min(0.99, max(0.3, acc + rng.uniform(-0.03, 0.03))) for k, acc in profile.items()}
         order = rng.sample(KINDS, len(KINDS))
         parts = [agents["skill_phrases"][rng.randrange(len(agents["skill_phrases"]))].format(
-            level=level_word(skills[k], family["levels"]), skill=rng.choice(agents["skill_words"][k]))
+            level=level_word(skills[k], family["levels"], rng), skill=rng.choice(agents["skill_words"][k]))
             for k in order]
         description = rng.choice(agents["openers"]) + "; " + ", ".join(parts)
         callees.append({"type": "sim_agent", "name": names.pop(), "kind": "agent",
@@ -926,11 +940,10 @@ def sample_family(family: dict, rng: random.Random) -> dict:
                         "timeout_rate": round(rng.uniform(*agents["timeout_rate"]), 3)})
     # concurrency (how many calls a callee serves at once) is drawn last, after the shuffle, so
     # every other draw is the same as in a family without it
-    choices = [tool.get("concurrency", [0]) for tool in family["tools"]]
-    choices += [agents.get("concurrency", [0])] * (len(callees) - len(choices))
-    drawn = list(zip(callees, choices))
+    options += [agents.get("concurrency", [0])] * (len(callees) - len(options))
+    drawn = list(zip(callees, options))
     rng.shuffle(drawn)
-    for callee, options in drawn:
-        if options != [0]:
-            callee["concurrency"] = rng.choice(options)
+    for callee, choices in drawn:
+        if choices != [0]:
+            callee["concurrency"] = rng.choice(choices)
     return {"name": family["name"], "callees": [c for c, _ in drawn]}

@@ -4,17 +4,18 @@ import http.server
 import json
 import os
 import random
+import re
 import threading
 import time
 import warnings
 
 import pytest
 
-from baselines import rank_for, read_pool
+from baselines import LEVEL_WORDS, rank_for, read_pool
 from env import EnvConfig, Episode, call_callee, system_prompt
 from tasks import Subtask, Task, world_for_split
 from tools import (EXEC_ERR, OK, TIMEOUT, PROJECT_ROOT, CalcError, HttpAgent, Pool, PoolError, PythonRunner,
-                   SimAgent, calculate, load_pool, plausible_wrong)
+                   SimAgent, calculate, load_pool, plausible_wrong, read_pool_spec)
 
 
 @pytest.mark.parametrize("expr, value", [("17*23", "391"), ("max(3, 9) - 2", "7"), ("7/2", "3.5"),
@@ -157,6 +158,50 @@ def test_pools_randomize_and_read_back():
             true_acc = lambda c: 1.0 if c.kind == "tool" else c.skills.get(skill, 0)
             assert true_acc(best) >= max(true_acc(c) for c in pool.callees
                                          if c.kind == "agent" or pool.get(c.name) is best) - 0.05
+
+
+
+def _family_words(spec) -> set[str]:
+    """Every word a family or pool can put into a prompt (its comment cannot)."""
+    if isinstance(spec, str):
+        return set(re.findall(r"[a-z]+", spec.lower()))
+    if isinstance(spec, dict):
+        return set().union(*(_family_words(v) for k, v in spec.items() if k != "comment"))
+    if isinstance(spec, list):
+        return set().union(*(_family_words(v) for v in spec))
+    return set()
+
+
+def test_the_wide_family_reads_as_drawn_and_keeps_the_unseen_wording_unseen():
+    family = read_pool_spec("train-wide")
+    bands = [(threshold, words if isinstance(words, list) else [words]) for threshold, words in family["levels"]]
+    tool_skill = {"KnowledgeBase": "lookup", "Calculator": "math", "TextTool": "text"}
+    present = {name: 0 for name in tool_skill}
+    profiles = family["agents"]["profiles"]
+    off_profile = levels_seen = 0
+    draws = 600
+    for seed in range(draws):
+        pool = load_pool(family, None, random.Random(seed))
+        infos = {i.name: i for i in read_pool(system_prompt(pool, EnvConfig()))}
+        for callee in pool.callees:
+            read = infos[callee.name].skills
+            if callee.kind == "tool":
+                present[type(callee).__name__] += 1
+                assert read == {tool_skill[type(callee).__name__]: 1.0}, callee.describe()
+                continue
+            for skill, accuracy in callee.skills.items():
+                # the level word printed is one of the band's synonyms, and the oracle reads the band
+                words = next(words for threshold, words in bands if accuracy >= threshold)
+                assert read[skill] in {LEVEL_WORDS[w] for w in words}, (callee.describe(), skill, accuracy)
+            levels_seen += 1
+            off_profile += all(any(abs(callee.skills[k] - p[k]) > 0.031 for k in p) for p in profiles)
+    # every tool kind is left out of some draws and kept in most; some agents follow no profile
+    for name, count in present.items():
+        assert draws * 0.6 < count < draws, name
+    assert off_profile > levels_seen * 0.2
+    # no word the unseen pools introduce (beyond the base family's) enters the wide family
+    unseen = _family_words(read_pool_spec("unseen-a")) | _family_words(read_pool_spec("unseen-b"))
+    assert not (_family_words(family) & (unseen - _family_words(read_pool_spec("seen"))))
 
 
 # ---------------------------------------------------------------- a server that serves one request at a time
