@@ -53,8 +53,8 @@ class InferOptions:
     eval: bool = cli.field(False, "evaluate --policy on --n tasks of --split with --pool", "mode")
     table: bool = cli.field(False, "print the results table (as --eval without --policy)", "mode")
     trace: bool = cli.field(False, "run one generated task (--task-index) and print its trace", "mode")
-    query: str | None = cli.field(None, "a free-text question, played by --policy (default: the newest trained "
-                                  "checkpoint); a scripted policy plays the built-in question forms only", "mode")
+    query: str | None = cli.field(None, "a free-text question, played by --policy (default: the released adapter, "
+                                  "release/); a scripted policy plays the built-in question forms only", "mode")
     json: bool = cli.field(False, "print JSON instead of text", "mode")
     policy: str = cli.field("", "scripted policy (oracle, serial-oracle, single:<callee>|single:best, random, "
                             "vote), a checkpoint folder or a LoRA adapter folder (default: oracle for --trace; none for --eval: the table)",
