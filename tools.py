@@ -938,9 +938,9 @@ def sample_family(family: dict, rng: random.Random) -> dict:
                         "latency_sigma": agents["latency_sigma"],
                         "exec_err_rate": round(rng.uniform(*agents["exec_err_rate"]), 3),
                         "timeout_rate": round(rng.uniform(*agents["timeout_rate"]), 3)})
+        options.append(agents.get("concurrency", [0]))
     # concurrency (how many calls a callee serves at once) is drawn last, after the shuffle, so
     # every other draw is the same as in a family without it
-    options += [agents.get("concurrency", [0])] * (len(callees) - len(options))
     drawn = list(zip(callees, options))
     rng.shuffle(drawn)
     for callee, choices in drawn:

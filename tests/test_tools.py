@@ -160,7 +160,6 @@ def test_pools_randomize_and_read_back():
                                          if c.kind == "agent" or pool.get(c.name) is best) - 0.05
 
 
-
 def _family_words(spec) -> set[str]:
     """Every word a family or pool can put into a prompt (its comment cannot)."""
     if isinstance(spec, str):
