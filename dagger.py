@@ -1,6 +1,9 @@
-"""On-policy distillation from the oracle (DAgger): the model plays, the oracle corrects.
+"""The oracle corrects mistakes: on-policy distillation (DAgger: the model plays, the oracle
+writes the turn it would write from each state reached), and planted mistakes (the oracle's own
+first turn made wrong, as a trained model makes it wrong, then the oracle's recovery).
 
     rows = collect(policy, episodes=96, seed=0, failure_rate=0.15)   # sft.py --dagger 96
+    policy = Mistaken(task, seed, random.Random(0))                   # sft.py --mistakes 0.5
 
 SFT on the oracle's trajectories shows the model only states the oracle reaches. A trained model
 leaves them at its first mistake (a call routed to a callee that cannot do it, an entity
@@ -26,19 +29,28 @@ Design choices, and why:
   data (sft.generate_episodes) does not reach, each on its own pool draw and world.
 - One collection per run, from the --init model: a second round of DAgger is another sft.py run
   with --init at the first one's adapter.
+- Planted mistakes (`Mistaken`, sft.py --mistakes P) reach the commonest of those states without
+  a model playing, so they cost no decoding: one call of the oracle's first turn is made wrong
+  the way a trained model's calls are wrong (sent to a tool that lacks its skill, an entity
+  with letters dropped, a word of the relation dropped), and half the time the next turn sends
+  the same wrong call again, as the model does. Those turns are context, not targets; from the
+  state they leave, the oracle takes over (baselines.teacher_turn) and its turns are learned.
 """
 import random
 import re
 import sys
 import time
 
-from baselines import teacher_turn
+from baselines import ParallelOracle, read_pool, teacher_turn
 from env import EnvConfig, Episode
 from tasks import task_at, task_world
 from tools import load_pool
 
 FIRST_TASK = 1_000_000   # training task indices from here on: no oracle episode uses them
 _THINK = re.compile(r"<think>.*?</think>", re.S)
+_CALL = re.compile(r'<call id="([^"]*)" to="([^"]*)">(.*?)</call>', re.S)
+_REF = re.compile(r"\{([^{}]*)\}")
+_ENTITY_WORD = re.compile(r"\b[A-Z][a-z]{4,}\b")   # long enough that dropping letters leaves a word
 
 
 def action(turn: str) -> str:
@@ -116,3 +128,72 @@ def collect(policy, episodes: int, seed: int, failure_rate: float, pool: str = "
                                   "composition": task.composition, "world_seed": task.world_seed,
                                   "gold": task.answer, "model_answered": capped.episode.answer is not None}})
     return rows
+
+
+# ---------------------------------------------------------------- planted mistakes
+
+def plant_mistake(task, turn: str, system_prompt: str, rng: random.Random) -> tuple[str, str] | None:
+    """The turn with one call made wrong, and that call's wrong line; None when no call in it can
+    be. The mistakes are the ones a trained model makes: the call sent to a tool that lacks its
+    skill, an entity with one or two letters dropped, or a word of a lookup's relation dropped
+    ("birth of X" for "birth year of X"). Each makes the call fail, deterministically."""
+    subtask_of, options = {}, {"route": [], "spelling": [], "relation": []}
+    by_task = {" ".join(s.task.lower().split()): s for s in task.subtasks}
+    tools = [c for c in read_pool(system_prompt) if c.kind == "tool"]
+    for call_id, callee, text in _CALL.findall(turn):
+        if any(r not in subtask_of for r in _REF.findall(text)):
+            continue
+        written = _REF.sub(lambda m: "{%d}" % subtask_of[m.group(1)].id, text)
+        subtask = by_task.get(" ".join(written.lower().split()))
+        if subtask is None:
+            continue
+        subtask_of[call_id] = subtask
+        line = f'<call id="{call_id}" to="{callee}">{text}</call>'
+        for tool in tools:
+            if subtask.kind not in tool.skills:
+                options["route"].append((line, f'<call id="{call_id}" to="{tool.name}">{text}</call>'))
+        for word in _ENTITY_WORD.findall(text) if subtask.kind == "lookup" else ():   # a text tool takes any word
+            cut = rng.randrange(1, len(word) - 2)
+            short = word[:cut] + word[cut + rng.choice((1, 2)):]
+            options["spelling"].append((line, line.replace(f">{text}<", ">" + text.replace(word, short, 1) + "<")))
+        words = text.split()
+        relation = [k for k, w in enumerate(words[:-2]) if w.islower() and w != "of" and words[k + 1] != "of"]
+        if subtask.kind == "lookup" and relation:   # "founding year of X": drop "year", not "founding"
+            k = rng.choice(relation) + 1
+            options["relation"].append((line, line.replace(f">{text}<", ">" + " ".join(words[:k] + words[k + 1:]) + "<")))
+    kinds = [k for k, v in options.items() if v]
+    if not kinds:
+        return None
+    line, wrong = rng.choice(options[rng.choice(kinds)])   # the kind first: a turn has many more routes
+    return turn.replace(line, wrong, 1), wrong
+
+
+class Mistaken:
+    """A scripted policy (baselines' interface) whose first turn carries a planted mistake, and
+    half the time a second turn that repeats the wrong call; from then on the oracle takes over.
+    `mistaken_turns` says how many of its first turns are mistakes (0 when the first turn had
+    no call to make wrong: then it is the plain oracle throughout)."""
+
+    def __init__(self, task, seed: int, rng: random.Random):
+        self.task, self.seed, self.rng = task, seed, rng
+        self.oracle = ParallelOracle(task, seed)
+        self.mistaken_turns, self.wrong_call, self.turns = 0, "", 0
+
+    def __call__(self, messages: list[dict]) -> str:
+        self.turns += 1
+        if self.turns == 1:
+            turn = self.oracle(messages)
+            planted = plant_mistake(self.task, turn, messages[0]["content"], self.rng)
+            if planted is None:
+                return turn
+            self.mistaken_turns, (turn, self.wrong_call) = 1, planted
+            return turn
+        if not self.mistaken_turns:
+            return self.oracle(messages)
+        if self.turns == 2 and self.rng.random() < 0.5:
+            self.mistaken_turns = 2
+            call_id, callee, text = _CALL.findall(self.wrong_call)[0]
+            last = max(int(i) for m in messages[2::2] for i, _, _ in _CALL.findall(m["content"]) if i.isdigit())
+            return (f"<think>call {call_id} failed, retry.</think>\n"
+                    f'<call id="{last + 1}" to="{callee}">{text}</call>')
+        return teacher_turn(self.task, messages, self.seed)

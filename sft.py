@@ -24,7 +24,9 @@ Design choices, and why:
 - --dagger N adds on-policy rows (dagger.py): the --init model plays N training tasks and, at
   states where the oracle would act otherwise, the oracle's turn from there is the target, the
   model's own earlier turns context ({"learn": false}). The oracle's trajectories alone never
-  show the states a model reaches after its own mistakes.
+  show the states a model reaches after its own mistakes. --mistakes P reaches the commonest of
+  them without a model: a share P of the oracle's episodes open with a planted mistake (its turns
+  context), then the oracle's recovery (dagger.Mistaken).
 - The token stream is the one the model sees when it plays (policy.play_batch): the prompt as
   `encode_chat(system, question)`, each assistant turn as its own encoding closed by
   <|im_end|>, each state message as `next_turn_tokens`. A test checks the two agree, so what
@@ -101,6 +103,9 @@ class SFTOptions:
                             "those rows join the data", "data")
     dagger_turns: int = cli.field(4, "turns each --dagger episode plays at most", "data")
     dagger_per_episode: int = cli.field(2, "corrected states kept per --dagger episode at most", "data")
+    mistakes: float = cli.field(0.0, "share of the oracle's episodes whose first turn carries a planted mistake "
+                                "(a call misrouted, misspelled or missing a word; not learned) that the oracle "
+                                "then recovers from (learned; dagger.Mistaken)", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
     episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
                                        "(what --shared-prefix needs to pay; 4 measured best); 1: a new draw per episode", "data")
@@ -140,19 +145,22 @@ SFTConfig = dataclasses.make_dataclass(
 # ---------------------------------------------------------------- data
 
 def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, pool: str = "seen",
-                      per_pool: int = 16) -> list[dict]:
+                      per_pool: int = 16, mistakes: float = 0.0) -> list[dict]:
     """n oracle trajectories on train tasks (each in its own world); every `per_pool`
     consecutive episodes share a pool draw (the same callees, described the same way, each
     bound to its own episode's world), so they share their system prompt. Deterministic given
     the arguments. Without recovery, failures are not injected and any episode with a failed
-    call is dropped; episodes the oracle got wrong are always dropped."""
+    call is dropped; episodes the oracle got wrong are always dropped. A `mistakes` share of
+    the episodes is played by dagger.Mistaken: its planted turns are marked {"learn": false}."""
     env = EnvConfig(failure_rate=failure_rate if recovery else 0.0)
     out, i = [], 0
     while len(out) < n:
         task = task_at("train", i, seed)
         draw = random.Random(f"sft-pool:{seed}:{i // per_pool}")
         episode = Episode(task, load_pool(pool, task_world(task), draw), env, seed=f"sft:{seed}:{i}")
-        result = play(episode, scripted_policy("oracle", task, i))
+        plant = random.Random(f"sft-mistake:{seed}:{i}")
+        policy = dagger.Mistaken(task, i, plant) if plant.random() < mistakes else scripted_policy("oracle", task, i)
+        result = play(episode, policy)
         i += 1
         if i >= 1000 and len(out) < i // 10:   # a pool the oracle cannot play: fail, do not loop forever
             raise train.TrainingError(f"--pool {pool}: the oracle solved only {len(out)} of the first {i} "
@@ -160,9 +168,13 @@ def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, po
         failures = result.exec_errors + result.timeouts + result.parse_errors
         if not result.success or (not recovery and failures):
             continue
-        out.append({"messages": episode.messages,
+        planted = getattr(policy, "mistaken_turns", 0)
+        messages = [m | {"learn": False} if 2 <= k < 2 + 2 * planted and m["role"] == "assistant" else m
+                    for k, m in enumerate(episode.messages)]
+        out.append({"messages": messages,
                     "meta": {"index": i - 1, "composition": task.composition, "world_seed": task.world_seed,
-                             "failures": failures, "rounds": result.rounds, "gold": task.answer}})
+                             "failures": failures, "rounds": result.rounds, "gold": task.answer}
+                            | ({"mistaken_turns": planted} if planted else {})})
     return out
 
 
@@ -479,9 +491,11 @@ def prepare(config, run: Path, device: str):
     else:
         t = time.time()
         rows = generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool,
-                                 config.episodes_per_pool)
+                                 config.episodes_per_pool, config.mistakes)
         write_jsonl(rows, data_path)
-        print(f"data: {len(rows)} oracle episodes in {time.time() - t:.1f}s -> {data_path}", file=sys.stderr)
+        planted = sum(1 for r in rows if r["meta"].get("mistaken_turns"))
+        print(f"data: {len(rows)} oracle episodes ({planted} with a planted mistake) in {time.time() - t:.1f}s "
+              f"-> {data_path}", file=sys.stderr)
     tokenizer_dir = run / "tokenizer"
     if config.init:
         try:
@@ -544,6 +558,9 @@ def check_config(config, init_pending: bool = False) -> None:
         value = getattr(config, flag)
         check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
     check(not config.dagger or config.init, "--dagger needs a trained policy to play: give --init, not --preset")
+    check(0.0 <= config.mistakes <= 1.0, f"--mistakes is a share of the episodes, in [0, 1] (got {config.mistakes})")
+    check(not config.mistakes or config.recovery, "--mistakes plants failures, and --no-recovery drops every "
+          "episode with one: give one of them")
 
 
 def run(config, world=dataparallel.World()) -> int:

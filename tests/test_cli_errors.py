@@ -276,6 +276,8 @@ def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
     (["--dagger", "4", "--dagger-turns", "0"], ["--dagger-turns must be at least 1 (got 0)"]),
     (["--dagger", "4", "--dagger-per-episode", "0"], ["--dagger-per-episode must be at least 1 (got 0)"]),
     (["--dagger", "4", "--preset", "tiny", "--lora-rank", "0"], ["--dagger needs a trained policy to play"]),
+    (["--mistakes", "1.5"], ["--mistakes is a share of the episodes, in [0, 1] (got 1.5)"]),
+    (["--mistakes", "0.5", "--no-recovery"], ["--mistakes plants failures", "--no-recovery"]),
 ])
 def test_sft_dagger_flags(capsys, no_training, tmp_path, argv, expected):
     import sft

@@ -1,13 +1,15 @@
 """On-policy distillation (dagger.py): the oracle takes over states a model played
 (baselines.take_over), checked against the oracle that played its own episodes and on hand-made
-states; the rows it makes, and how sft.py learns from them."""
+states; the rows it makes, and how sft.py learns from them. Planted mistakes: checked against
+the oracle's own turn and the real environment's callees and results."""
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from baselines import scripted_policy, teacher_turn
+from baselines import _CALL_TEXT as CALL_TEXT, scripted_policy, teacher_turn
 from dagger import action, states_to_correct
 from env import EnvConfig, Episode, play
 from sft import episode_tokens
@@ -124,3 +126,60 @@ def test_sft_dagger_collects_teacher_rows_from_a_played_model(tmp_path):
         assert all(m.get("learn") is False for m in context[2:] if m["role"] == "assistant")
         assert target["content"] == teacher_turn(task, context, row["meta"]["index"] - 1_000_000)
         assert len([m for m in context if m["role"] == "assistant"]) < 2 + 1
+
+
+def test_a_planted_mistake_is_one_call_made_wrong_the_way_a_model_does_and_it_fails():
+    from dagger import Mistaken
+    from tools import Calculator, KnowledgeBase, TextTool
+    tool_of = {"lookup": KnowledgeBase, "math": Calculator, "text": TextTool}
+    seen = set()
+    for i in range(120):
+        task = task_at("train", i, 3)
+        pool = load_pool("seen", task_world(task), random.Random(i))
+        episode = Episode(task, pool, EnvConfig(failure_rate=0.0), seed=f"m{i}")
+        policy = Mistaken(task, i, random.Random(i))
+        play(episode, policy)
+        oracle = scripted_policy("oracle", task, i)(episode.messages[:2])
+        if not policy.mistaken_turns:
+            assert episode.messages[2]["content"] == oracle
+            continue
+        planted = episode.messages[2]["content"].splitlines()
+        right = oracle.splitlines()
+        assert len(planted) == len(right) and sum(a != b for a, b in zip(planted, right)) == 1
+        wrong, meant = next((a, b) for a, b in zip(planted, right) if a != b)
+        (cid, to, text), (_, to0, text0) = CALL_TEXT.findall(wrong)[0], CALL_TEXT.findall(meant)[0]
+        kind = next(s.kind for s in task.subtasks if s.task.split("{")[0] == text0.split("{")[0])
+        if to != to0:    # misrouted, to a tool of another kind
+            seen.add("route")
+            assert text == text0 and isinstance(pool.get(to), tuple(set(tool_of.values()) - {tool_of[kind]}))
+        elif len(text.split()) < len(text0.split()):   # a word of a lookup's relation dropped
+            seen.add("relation")
+            words = text0.split()
+            assert kind == "lookup" and any(words[:k] + words[k + 1:] == text.split() for k in range(len(words)))
+        else:            # an entity with one or two letters dropped
+            seen.add("spelling")
+            a, b = [w for w in text.split() if w not in text0.split()], [w for w in text0.split() if w not in text.split()]
+            assert kind == "lookup" and len(a) == len(b) == 1 and 1 <= len(b[0]) - len(a[0]) <= 2
+            assert a[0][0] == b[0][0] and all(c in b[0] for c in a[0])
+        status = re.search(rf'<result id="{cid}" status="([A-Z_]+)"', episode.messages[3]["content"]).group(1)
+        assert status == "EXEC_ERR"
+        for k in range(2 + 2 * policy.mistaken_turns, len(episode.messages), 2):   # the oracle's recovery
+            assert episode.messages[k]["content"] == teacher_turn(task, episode.messages[:k], i)
+        if policy.mistaken_turns == 2:   # the same wrong call again, alone
+            seen.add("repeat")
+            again = CALL_TEXT.findall(episode.messages[4]["content"])
+            assert len(again) == 1 and again[0][1:] == (to, text)
+    assert seen == {"route", "relation", "spelling", "repeat"}
+
+
+def test_sft_data_with_planted_mistakes_learns_only_the_recovery():
+    from sft import generate_episodes
+    rows = generate_episodes(60, seed=4, failure_rate=0.15, recovery=True, mistakes=0.5)
+    planted = [r for r in rows if r["meta"].get("mistaken_turns")]
+    assert 15 <= len(planted) <= 45
+    for row in rows:
+        turns = [m for m in row["messages"][2:] if m["role"] == "assistant"]
+        n = row["meta"].get("mistaken_turns", 0)
+        assert [m.get("learn", True) for m in turns] == [False] * n + [True] * (len(turns) - n)
+    assert generate_episodes(20, seed=4, failure_rate=0.15, recovery=True, mistakes=0.0) == \
+        generate_episodes(20, seed=4, failure_rate=0.15, recovery=True)
