@@ -36,6 +36,7 @@ Design choices, and why:
   the same wrong call again, as the model does. Those turns are context, not targets; from the
   state they leave, the oracle takes over (baselines.teacher_turn) and its turns are learned.
 """
+import html
 import random
 import re
 import sys
@@ -143,7 +144,7 @@ def plant_mistake(task, turn: str, system_prompt: str, rng: random.Random) -> tu
     for call_id, callee, text in _CALL.findall(turn):
         if any(r not in subtask_of for r in _REF.findall(text)):
             continue
-        written = _REF.sub(lambda m: "{%d}" % subtask_of[m.group(1)].id, text)
+        written = _REF.sub(lambda m: "{%d}" % subtask_of[m.group(1)].id, html.unescape(text))   # "&lt;": "<"
         subtask = by_task.get(" ".join(written.lower().split()))
         if subtask is None:
             continue
