@@ -226,6 +226,7 @@ class CallResult:
     end: float = 0.0
     raw_task: str = ""
     redundant: bool = False
+    repeats_failure: bool = False  # same callee and task as an earlier call that ended EXEC_ERR on its own
 
 
 def validate(turn: ParsedTurn, pool: Pool, history: dict[str, CallResult], config: EnvConfig) -> list[CallResult | Call]:
@@ -609,6 +610,7 @@ class EpisodeResult:
     composition: str
     difficulty: int
     truncated: bool = False        # ended by the policy's room (context), not by the protocol
+    repeated_failures: int = 0     # calls sent again as they were after an EXEC_ERR of their own (no reward term)
     rewards: dict = field(default_factory=dict)
     reward: float = 0.0
 
@@ -638,6 +640,7 @@ class Episode:
         self.elapsed = self.cost = 0.0
         self.turns = self.tokens = self.parse_errors = self.outside_turns = 0
         self._ok_calls: set = set()
+        self._failed_calls: set = set()
 
     def step(self, text: str, n_tokens: int | None = None) -> str | None:
         """Apply one assistant turn; return the state message, or None when the episode is over."""
@@ -696,8 +699,11 @@ class Episode:
                 continue
             key = (r.to, " ".join(r.task.lower().split()))
             r.redundant = key in self._ok_calls or key in this_turn
+            r.repeats_failure = key in self._failed_calls
             this_turn.add(key)
         self._ok_calls |= {(r.to, " ".join(r.task.lower().split())) for r in results if r.status == OK}
+        self._failed_calls |= {(r.to, " ".join(r.task.lower().split())) for r in results
+                               if r.status == EXEC_ERR and not r.text.startswith("dependency {")}
 
     def result(self) -> EpisodeResult:
         results = [r for rnd in self.rounds for r in rnd.results]
@@ -714,7 +720,8 @@ class Episode:
             tokens=self.tokens,
             protocol_ok=self.parse_errors == 0 and self.outside_turns == 0 and self.answer is not None,
             decomposition=decomposition, composition=self.task.composition,
-            difficulty=self.task.difficulty, truncated=bool(self.truncated))
+            difficulty=self.task.difficulty, truncated=bool(self.truncated),
+            repeated_failures=sum(r.repeats_failure for r in results))
         res.rewards = episode_rewards(res, self.reward_config)
         res.reward = sum(res.rewards.values())
         return res

@@ -143,6 +143,8 @@ def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
         "cost": mean(r.cost for r in results),
         "calls": mean(r.calls for r in results),
         "redundant_calls": mean(r.redundant_calls for r in results),
+        "repeated_failures": mean(r.repeated_failures for r in results),
+        "answered": mean(r.answer is not None for r in results),
         "parse_errors": mean(r.parse_errors for r in results),
         "tokens": mean(r.tokens for r in results),
         "truncated": mean(r.truncated for r in results),

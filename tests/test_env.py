@@ -159,6 +159,17 @@ def test_redundant_calls():
     assert r.redundant_calls == 2 and r.parse_errors == 1 and r.rounds == 2
 
 
+def test_a_call_sent_again_after_its_own_exec_err_is_counted_as_a_repeated_failure():
+    ep = Episode(TASK, _pool())
+    ep.step('<call id="1" to="a">now fail</call><call id="2" to="a">{1} x</call>')
+    ep.step('<call id="3" to="a">NOW  fail</call><call id="4" to="b">now fail</call><call id="5" to="a">{1} x</call>')
+    ep.step('<call id="6" to="a">now fail</call><call id="7" to="a">a</call>')
+    r = ep.result()
+    # 3 and 6 repeat call 1 (case and spacing aside); 4 is another callee; 2 and 5 failed on a dependency
+    assert [x.repeats_failure for rnd in ep.rounds for x in rnd.results] == [False, False, True, False, False, True, False]
+    assert r.repeated_failures == 2 and r.exec_errors == 6 and r.redundant_calls == 0
+
+
 def test_reward_terms_hand_computed():
     c = RewardConfig()
     r = EpisodeResult("q", "7", "7", True, rounds=3, turns=4, min_rounds=2, latency=2.0, cost=0.01,
