@@ -377,7 +377,7 @@ class ParallelOracle(GraphPolicy):
     pass
 
 
-_CALL_TEXT = re.compile(_CALL.pattern + r"(.*?)</call>", re.S)   # a call with its task
+CALL_TEXT = re.compile(_CALL.pattern + r"(.*?)</call>", re.S)   # a call with its task (dagger.py reads turns with it)
 _REF = re.compile(r"\{([^{}]*)\}")
 
 
@@ -409,7 +409,7 @@ def take_over(oracle: GraphPolicy, messages: list[dict]) -> GraphPolicy:
     level = {c.name: c.skills for c in oracle.callees}
     voters: dict[int, set[str]] = {}   # subtask id -> weak callees already asked it
     for i in range(2, len(messages), 2):        # assistant turns; each state follows its turn
-        for call_id, callee, text in _CALL_TEXT.findall(messages[i]["content"]):
+        for call_id, callee, text in CALL_TEXT.findall(messages[i]["content"]):
             call_id, callee, text = html.unescape(call_id), html.unescape(callee), html.unescape(text)
             if call_id.isdigit():
                 oracle.next_id = max(oracle.next_id, int(call_id) + 1)

@@ -36,21 +36,18 @@ Design choices, and why:
   the same wrong call again, as the model does. Those turns are context, not targets; from the
   state they leave, the oracle takes over (baselines.teacher_turn) and its turns are learned.
 """
-import html
 import random
 import re
 import sys
 import time
 
-from baselines import ParallelOracle, read_pool, teacher_turn
+from baselines import CALL_TEXT, ParallelOracle, read_pool, teacher_turn
 from env import EnvConfig, Episode
 from tasks import task_at, task_world
 from tools import load_pool
 
 FIRST_TASK = 1_000_000   # training task indices from here on: no oracle episode uses them
 _THINK = re.compile(r"<think>.*?</think>", re.S)
-_CALL = re.compile(r'<call id="([^"]*)" to="([^"]*)">(.*?)</call>', re.S)
-_REF = re.compile(r"\{([^{}]*)\}")
 _ENTITY_WORD = re.compile(r"\b[A-Z][a-z]{4,}\b")   # long enough that dropping letters leaves a word
 
 
@@ -133,22 +130,16 @@ def collect(policy, episodes: int, seed: int, failure_rate: float, pool: str = "
 
 # ---------------------------------------------------------------- planted mistakes
 
-def plant_mistake(task, turn: str, system_prompt: str, rng: random.Random) -> tuple[str, str] | None:
-    """The turn with one call made wrong, and that call's wrong line; None when no call in it can
-    be. The mistakes are the ones a trained model makes: the call sent to a tool that lacks its
-    skill, an entity with one or two letters dropped, or a word of a lookup's relation dropped
-    ("birth of X" for "birth year of X"). Each makes the call fail, deterministically."""
-    subtask_of, options = {}, {"route": [], "spelling": [], "relation": []}
-    by_task = {" ".join(s.task.lower().split()): s for s in task.subtasks}
+def plant_mistake(oracle: ParallelOracle, turn: str, system_prompt: str, rng: random.Random) -> tuple[str, str] | None:
+    """The oracle's turn (the last it wrote) with one call made wrong, and that call's wrong line;
+    None when no call in it can be. The mistakes are the ones a trained model makes: the call sent
+    to a tool that lacks its skill, an entity with one or two letters dropped, or a word of a
+    lookup's relation dropped ("birth of X" for "birth year of X"). Each makes the call fail,
+    deterministically."""
+    options = {"route": [], "spelling": [], "relation": []}
     tools = [c for c in read_pool(system_prompt) if c.kind == "tool"]
-    for call_id, callee, text in _CALL.findall(turn):
-        if any(r not in subtask_of for r in _REF.findall(text)):
-            continue
-        written = _REF.sub(lambda m: "{%d}" % subtask_of[m.group(1)].id, html.unescape(text))   # "&lt;": "<"
-        subtask = by_task.get(" ".join(written.lower().split()))
-        if subtask is None:
-            continue
-        subtask_of[call_id] = subtask
+    for call_id, callee, text in CALL_TEXT.findall(turn):
+        subtask = oracle.task.subtasks[oracle.call_of[call_id] - 1]   # the oracle knows what it sent
         line = f'<call id="{call_id}" to="{callee}">{text}</call>'
         for tool in tools:
             if subtask.kind not in tool.skills:
@@ -178,23 +169,22 @@ class Mistaken:
     def __init__(self, task, seed: int, rng: random.Random):
         self.task, self.seed, self.rng = task, seed, rng
         self.oracle = ParallelOracle(task, seed)
-        self.mistaken_turns, self.wrong_call, self.turns = 0, "", 0
+        self.mistaken_turns, self.wrong_call = 0, ""
 
     def __call__(self, messages: list[dict]) -> str:
-        self.turns += 1
-        if self.turns == 1:
+        turn_number = len(messages) // 2   # system prompt and question, then a turn and a state each
+        if turn_number == 1:
             turn = self.oracle(messages)
-            planted = plant_mistake(self.task, turn, messages[0]["content"], self.rng)
+            planted = plant_mistake(self.oracle, turn, messages[0]["content"], self.rng)
             if planted is None:
                 return turn
             self.mistaken_turns, (turn, self.wrong_call) = 1, planted
             return turn
         if not self.mistaken_turns:
             return self.oracle(messages)
-        if self.turns == 2 and self.rng.random() < 0.5:
+        if turn_number == 2 and self.rng.random() < 0.5:
             self.mistaken_turns = 2
-            call_id, callee, text = _CALL.findall(self.wrong_call)[0]
-            last = max(int(i) for m in messages[2::2] for i, _, _ in _CALL.findall(m["content"]) if i.isdigit())
-            return (f"<think>call {call_id} failed, retry.</think>\n"
-                    f'<call id="{last + 1}" to="{callee}">{text}</call>')
+            call_id, callee, text = CALL_TEXT.findall(self.wrong_call)[0]
+            return (f"<think>call {call_id} failed, retry.</think>\n"   # the next id: the oracle's own next one
+                    f'<call id="{self.oracle.next_id}" to="{callee}">{text}</call>')
         return teacher_turn(self.task, messages, self.seed)

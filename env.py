@@ -228,6 +228,10 @@ class CallResult:
     redundant: bool = False
     repeats_failure: bool = False  # same callee and task as an earlier call that ended EXEC_ERR on its own
 
+    def key(self) -> tuple[str, str]:
+        """What makes two calls the same call: the callee and the resolved task, case and spacing aside."""
+        return self.to, " ".join(self.task.lower().split())
+
 
 def validate(turn: ParsedTurn, pool: Pool, history: dict[str, CallResult], config: EnvConfig) -> list[CallResult | Call]:
     """Each call either stays a Call to run, or becomes a PARSE_ERR CallResult."""
@@ -697,13 +701,12 @@ class Episode:
         for r in results:
             if r.status == PARSE_ERR:
                 continue
-            key = (r.to, " ".join(r.task.lower().split()))
+            key = r.key()
             r.redundant = key in self._ok_calls or key in this_turn
             r.repeats_failure = key in self._failed_calls
             this_turn.add(key)
-        self._ok_calls |= {(r.to, " ".join(r.task.lower().split())) for r in results if r.status == OK}
-        self._failed_calls |= {(r.to, " ".join(r.task.lower().split())) for r in results
-                               if r.status == EXEC_ERR and not r.text.startswith("dependency {")}
+        self._ok_calls |= {r.key() for r in results if r.status == OK}
+        self._failed_calls |= {r.key() for r in results if r.status == EXEC_ERR and not r.text.startswith("dependency {")}
 
     def result(self) -> EpisodeResult:
         results = [r for rnd in self.rounds for r in rnd.results]

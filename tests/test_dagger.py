@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from baselines import _CALL_TEXT as CALL_TEXT, scripted_policy, teacher_turn
+from baselines import CALL_TEXT, scripted_policy, teacher_turn
 from dagger import action, states_to_correct
 from env import EnvConfig, Episode, play
 from sft import episode_tokens
