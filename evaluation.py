@@ -21,7 +21,7 @@ import time
 
 from baselines import scripted_policy
 from env import EnvConfig, Episode, EpisodeResult, RewardConfig, play
-from tasks import graph_width, make_tasks, task_world, world_for_split
+from tasks import HELDOUT_COMPOSITIONS, graph_width, make_tasks, task_world, world_for_split
 from tools import POOLS_DIR, load_pool, read_pool_spec
 
 
@@ -130,9 +130,18 @@ def evaluate(policy, pool: str, split: str, n: int, seed: int, env_config: EnvCo
 
 
 def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
+    """Means over the episodes. `heldout` mixes train's compositions with the five held out of
+    training, so success is also split by composition: `success_trained_compositions` and
+    `success_heldout_compositions` (None where the set has no such task), and `by_composition`."""
     def mean(xs):
         xs = list(xs)
         return sum(xs) / len(xs) if xs else 0.0
+
+    def success_of(group):
+        return mean(r.success for r in group) if group else None
+    by_composition = {}
+    for r in results:
+        by_composition.setdefault(r.composition, []).append(r)
     return {
         "success": mean(r.success for r in results),
         "protocol": mean(r.protocol_ok for r in results),
@@ -150,4 +159,7 @@ def summarize(results: list[EpisodeResult], wide_latency: list[float]) -> dict:
         "truncated": mean(r.truncated for r in results),
         "reward": mean(r.reward for r in results),
         "reward_terms": {k: mean(r.rewards[k] for r in results) for k in results[0].rewards} if results else {},
+        "success_trained_compositions": success_of([r for r in results if r.composition not in HELDOUT_COMPOSITIONS]),
+        "success_heldout_compositions": success_of([r for r in results if r.composition in HELDOUT_COMPOSITIONS]),
+        "by_composition": {c: {"n": len(rs), "success": success_of(rs)} for c, rs in sorted(by_composition.items())},
     }

@@ -86,7 +86,7 @@ from env import EnvConfig, Episode, play
 from evaluation import resolve_device
 from model import PRESETS, add_copy_circuit, build_model, copy_circuit_slices, num_parameters, preset_config
 from policy import Policy, prefix_kv, suffix_hidden
-from tasks import safe_json, task_at, task_world
+from tasks import TRAINING_SPLITS, safe_json, task_at, task_world
 from tokenizer import Tokenizer, train_tokenizer
 from tools import load_pool
 
@@ -107,6 +107,8 @@ class SFTOptions:
                                 "(a call misrouted, misspelled or missing a word; not learned) that the oracle "
                                 "then recovers from (learned; dagger.Mistaken)", "data")
     pool: str = cli.field("seen", "pool (family) the episodes are played on", "data")
+    split: str = cli.field("train", "task split the episodes are drawn from: train, or train-wide (train's "
+                           "compositions and four that teach the parts only held-out ones use; tasks.py)", "data")
     episodes_per_pool: int = cli.field(1, "consecutive episodes that share one pool draw, so one system prompt "
                                        "(what --shared-prefix needs to pay; 4 measured best); 1: a new draw per episode", "data")
     shared_prefix: bool = cli.field(False, "the shared pass: each system prompt once per micro-batch, the "
@@ -145,8 +147,8 @@ SFTConfig = dataclasses.make_dataclass(
 # ---------------------------------------------------------------- data
 
 def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, pool: str = "seen",
-                      per_pool: int = 16, mistakes: float = 0.0) -> list[dict]:
-    """n oracle trajectories on train tasks (each in its own world); every `per_pool`
+                      per_pool: int = 16, mistakes: float = 0.0, split: str = "train") -> list[dict]:
+    """n oracle trajectories on `split`'s tasks (each in its own world); every `per_pool`
     consecutive episodes share a pool draw (the same callees, described the same way, each
     bound to its own episode's world), so they share their system prompt. Deterministic given
     the arguments. Without recovery, failures are not injected and any episode with a failed
@@ -155,7 +157,7 @@ def generate_episodes(n: int, seed: int, failure_rate: float, recovery: bool, po
     env = EnvConfig(failure_rate=failure_rate if recovery else 0.0)
     out, i = [], 0
     while len(out) < n:
-        task = task_at("train", i, seed)
+        task = task_at(split, i, seed)
         draw = random.Random(f"sft-pool:{seed}:{i // per_pool}")
         episode = Episode(task, load_pool(pool, task_world(task), draw), env, seed=f"sft:{seed}:{i}")
         plant = random.Random(f"sft-mistake:{seed}:{i}")
@@ -491,7 +493,7 @@ def prepare(config, run: Path, device: str):
     else:
         t = time.time()
         rows = generate_episodes(config.episodes, config.seed, config.failure_rate, config.recovery, config.pool,
-                                 config.episodes_per_pool, config.mistakes)
+                                 config.episodes_per_pool, config.mistakes, config.split)
         write_jsonl(rows, data_path)
         planted = sum(1 for r in rows if r["meta"].get("mistaken_turns"))
         print(f"data: {len(rows)} oracle episodes ({planted} with a planted mistake) in {time.time() - t:.1f}s "
@@ -558,6 +560,7 @@ def check_config(config, init_pending: bool = False) -> None:
         value = getattr(config, flag)
         check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
     check(not config.dagger or config.init, "--dagger needs a trained policy to play: give --init, not --preset")
+    check(config.split in TRAINING_SPLITS, f"--split {config.split!r}: expected one of {', '.join(TRAINING_SPLITS)}")
     check(0.0 <= config.mistakes <= 1.0, f"--mistakes is a share of the episodes, in [0, 1] (got {config.mistakes})")
     check(not config.mistakes or config.recovery, "--mistakes plants failures, and --no-recovery drops every "
           "episode with one: give one of them")

@@ -23,9 +23,15 @@ Design choices, and why:
   names its split, the task seed and the task's index. A model trained on thousands of such
   tasks cannot answer from remembered facts or names: it has to copy names from the question
   into its calls and read the facts from the callees. The splits never share a world:
-  "train" (train compositions), "heldout" (all compositions, new worlds),
-  "heldout-compositions" (only compositions never used in train, new worlds), so the two kinds
-  of generalization are measured separately. A split also has one fixed reference world
+  "train" (train compositions), "heldout" (the benchmark's compositions: train's and the
+  held-out ones, new worlds), "heldout-compositions" (only compositions never used in train,
+  new worlds), so the two kinds of generalization are measured separately. Four of the five
+  held-out compositions use a part no train composition uses (the relations "birth year of" and
+  a company's "founding year of", the aggregations min and ">"), so a model trained on "train"
+  meets a word it never learned to route, not only a new combination. "train-wide" adds four
+  compositions that each teach one such part (PART_COMPOSITIONS, used only in training):
+  there, every relation and aggregation of a held-out composition is learned in some other
+  combination, and what a held-out composition still asks is the combination. A split also has one fixed reference world
   (`world_for_split`) for free-text queries and for tests that want many tasks in one world.
 - Tasks are index-addressable (`task_at`): task i of a split is built from its own seed, so
   asking for task 10**8 costs one task, and a list of tasks is a prefix of a longer one.
@@ -43,7 +49,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 KINDS = ("lookup", "math", "text")
-SPLITS = ("train", "heldout", "heldout-compositions")
+SPLITS = ("train", "train-wide", "heldout", "heldout-compositions")
+TRAINING_SPLITS = ("train", "train-wide")
 
 _SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "za", "qui", "bel", "dor", "na", "sel",
               "mar", "ti", "os", "ul", "fen", "gar", "lis", "ro", "dun", "e", "va", "kor"]
@@ -392,22 +399,54 @@ def c_join_reversed(g, w, rng):
     return f"Reverse the capital of {a}, then join it with the capital of {b} using a hyphen."
 
 
+# train-wide only: each teaches one part that train lacks and a held-out composition uses
+def c_leader_birth_year(g, w, rng):
+    (c,) = _pick(rng, w, "country")
+    g.lookup("born", g.lookup("leader", c))
+    return f"What is the birth year of the leader of {c}?"
+
+
+def c_company_founding_gap(g, w, rng):
+    a, b = _pick(rng, w, "company", 2)
+    if w.fact("company_founded", a) < w.fact("company_founded", b):
+        a, b = b, a
+    g.math("{0} - {1}", g.lookup("company_founded", a), g.lookup("company_founded", b))
+    return f"How many years after {b} was {a} founded?"
+
+
+def c_more_employees(g, w, rng):
+    a, b = _pick(rng, w, "company", 2)
+    g.math("{0} > {1}", g.lookup("employees", a), g.lookup("employees", b))
+    return f"Does {a} have more employees than {b}? Answer yes or no."
+
+
+def c_fewest_employees(g, w, rng):
+    cos = _pick(rng, w, "company", 3)
+    g.math("min({0}, {1}, {2})", *[g.lookup("employees", c) for c in cos])
+    return f"What is the smallest number of employees among {cos[0]}, {cos[1]} and {cos[2]}?"
+
+
 COMPOSITIONS = {f.__name__[2:]: f for f in [
     c_capital, c_arith, c_capital_population, c_leader_employer_size, c_sum_population,
     c_sum_capital_populations, c_founding_gap, c_max_employees, c_latest_founding, c_older_city,
     c_bigger_capital, c_join_capitals, c_reverse_capital, c_ceo_letters, c_upper_birthplace,
     c_first_letters_hq, c_population_times, c_hq_population_plus_staff, c_capital_population_gap,
-    c_ceo_birth_sum, c_age_at_founding, c_smallest_birthplace, c_join_reversed]}
-# never used in train: each recombines parts (relations, aggregations) that train does use
+    c_ceo_birth_sum, c_age_at_founding, c_smallest_birthplace, c_join_reversed,
+    c_leader_birth_year, c_company_founding_gap, c_more_employees, c_fewest_employees]}
+# never used in training; "train" lacks some of their parts, "train-wide" has every one
 HELDOUT_COMPOSITIONS = ("bigger_capital", "ceo_birth_sum", "age_at_founding",
                         "smallest_birthplace", "join_reversed")
+PART_COMPOSITIONS = ("leader_birth_year", "company_founding_gap", "more_employees", "fewest_employees")
 
 
 def compositions_for(split: str) -> list[str]:
+    benchmark = [c for c in COMPOSITIONS if c not in PART_COMPOSITIONS]
     if split == "train":
-        return [c for c in COMPOSITIONS if c not in HELDOUT_COMPOSITIONS]
+        return [c for c in benchmark if c not in HELDOUT_COMPOSITIONS]
+    if split == "train-wide":
+        return compositions_for("train") + list(PART_COMPOSITIONS)
     if split == "heldout":
-        return list(COMPOSITIONS)
+        return benchmark
     if split == "heldout-compositions":
         return list(HELDOUT_COMPOSITIONS)
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")

@@ -278,6 +278,7 @@ def test_training_flags(capsys, no_training, tmp_path, stage, argv, expected):
     (["--dagger", "4", "--preset", "tiny", "--lora-rank", "0"], ["--dagger needs a trained policy to play"]),
     (["--mistakes", "1.5"], ["--mistakes is a share of the episodes, in [0, 1] (got 1.5)"]),
     (["--mistakes", "0.5", "--no-recovery"], ["--mistakes plants failures", "--no-recovery"]),
+    (["--split", "heldout"], ["--split 'heldout': expected one of train, train-wide"]),
 ])
 def test_sft_dagger_flags(capsys, no_training, tmp_path, argv, expected):
     import sft

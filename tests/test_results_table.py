@@ -81,3 +81,19 @@ def test_episodes_out_holds_every_episode_of_the_evaluation(tmp_path, capsys):
         assert len(r["rounds"]) == r["result"]["rounds"]
         assert r["answer"] == r["result"]["answer"]
     assert [p.name for p in tmp_path.iterdir()] == ["episodes.jsonl"]    # no partial file left
+
+
+def test_success_is_split_by_composition_by_hand():
+    """Three episodes of train's compositions (two solved) and two of held-out ones (one solved)."""
+    from dataclasses import replace
+    from env import EpisodeResult
+    from evaluation import summarize
+    base = EpisodeResult("q", "1", "1", True, 1, 2, 1, 0.5, 0.001, 1, 0, 0, 0, 0, 0, 10, True, [], "capital", 1)
+    played = [replace(base, composition=c, success=ok) for c, ok in
+              [("capital", True), ("arith", False), ("capital", True), ("join_reversed", True), ("ceo_birth_sum", False)]]
+    s = summarize(played, [])
+    assert s["success"] == 3 / 5
+    assert s["success_trained_compositions"] == 2 / 3 and s["success_heldout_compositions"] == 1 / 2
+    assert s["by_composition"] == {"arith": {"n": 1, "success": 0.0}, "capital": {"n": 2, "success": 1.0},
+                                   "ceo_birth_sum": {"n": 1, "success": 0.0}, "join_reversed": {"n": 1, "success": 1.0}}
+    assert summarize(played[:3], [])["success_heldout_compositions"] is None

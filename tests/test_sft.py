@@ -112,6 +112,15 @@ def test_data_is_deterministic_and_recovery_is_present():
     assert "TIMEOUT" not in states and "EXEC_ERR" not in states
 
 
+def test_train_wide_data_holds_the_part_compositions():
+    from tasks import PART_COMPOSITIONS
+    wide = generate_episodes(44, 2, 0.15, True, split="train-wide")
+    assert set(PART_COMPOSITIONS) <= {r["meta"]["composition"] for r in wide}
+    assert not set(PART_COMPOSITIONS) & {r["meta"]["composition"] for r in generate_episodes(44, 2, 0.15, True)}
+    firsts = " ".join(r["messages"][2]["content"] for r in wide)
+    assert "birth year of" in firsts and "min(" in firsts and "} > {" in firsts
+
+
 POOL = ("Pool:\n- \"kb\" | tool | exact facts about the world | cost 0.0005 | latency 0.30s\n"
         "- \"calc\" | tool | exact arithmetic | cost 0.0002 | latency 0.10s\n"
         "- \"ann\" | agent | chat assistant; facts: good, arithmetic: weak | cost 0.0040 | latency 1.00s\n"

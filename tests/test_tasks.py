@@ -1,10 +1,11 @@
 """The task world: determinism, splits, and gold answers recomputed from the world tables."""
+import itertools
 import json
 
 import pytest
 
-from tasks import (COMPOSITIONS, HELDOUT_COMPOSITIONS, load_jsonl_tasks, make_tasks, make_world,
-                   world_for_split)
+from tasks import (COMPOSITIONS, HELDOUT_COMPOSITIONS, PART_COMPOSITIONS, load_jsonl_tasks, make_tasks,
+                   make_world, world_for_split)
 
 
 def test_world_and_tasks_are_deterministic():
@@ -20,8 +21,10 @@ def test_splits():
     assert not train & set(HELDOUT_COMPOSITIONS)
     assert {t.composition for t in make_tasks("heldout-compositions", 50, 0)} == set(HELDOUT_COMPOSITIONS)
     assert world_for_split("heldout").facts != world_for_split("train").facts
-    tasks = make_tasks("heldout", 500, 0)
-    assert {t.composition for t in tasks} == set(COMPOSITIONS)
+    wide = {t.composition for t in make_tasks("train-wide", 300, 0)}
+    assert wide == train | set(PART_COMPOSITIONS) and not wide & set(HELDOUT_COMPOSITIONS)
+    tasks = make_tasks("heldout", 500, 0)   # the benchmark: train's compositions and the held-out ones
+    assert {t.composition for t in tasks} == train | set(HELDOUT_COMPOSITIONS)
     assert min(t.difficulty for t in tasks) == 1 and max(t.difficulty for t in tasks) >= 5
     assert max(t.depth for t in tasks) == 3 and all(t.min_rounds == t.depth for t in tasks)
 
@@ -69,7 +72,38 @@ def _independent_value(world, s, results):
     return str(sum(nums))
 
 
-@pytest.mark.parametrize("split", ["train", "heldout", "heldout-compositions"])
+def _parts(tasks):
+    """What a task's subtasks ask, with names and numbers taken out: ("lookup", relation, type of
+    the entity) or (kind, the operation's text)."""
+    import re
+    phrases = {"capital of": "capital", "leader of": "leader", "country of": "country",
+               "population of": "population", "founding year of": "founded", "birth year of": "born",
+               "birthplace of": "birthplace", "employer of": "employer", "headquarters of": "headquarters",
+               "employees of": "employees", "ceo of": "ceo"}
+    parts = set()
+    for t in tasks:
+        world = make_world(t.world_seed)
+        results = {}
+        for s in t.subtasks:
+            results[s.id] = s.gold
+            if s.kind == "lookup":
+                phrase = next(p for p in phrases if s.task.startswith(p + " "))
+                entity = s.resolve(results)[len(phrase) + 1:]
+                parts.add(("lookup", phrases[phrase], world.entity_type(entity)))
+            else:
+                parts.add((s.kind, re.sub(r"\{\d+\}|\b\d+\b", "N", s.task)))
+    return parts
+
+
+def test_train_wide_teaches_every_part_of_the_held_out_compositions():
+    held, train, wide = (_parts(make_tasks(split, 200, 0)) for split in ("heldout-compositions", "train", "train-wide"))
+    # read off the five held-out compositions by hand: the parts no train composition uses
+    assert held - train == {("lookup", "born", "person"), ("lookup", "founded", "company"),
+                            ("math", "min(N, N, N)"), ("math", "N > N")}
+    assert held <= wide
+
+
+@pytest.mark.parametrize("split", ["train", "train-wide", "heldout", "heldout-compositions"])
 def test_gold_answers_recomputed_from_the_world(split):
     world = world_for_split(split)
     for t in make_tasks(split, 300, 1, world):
@@ -95,9 +129,10 @@ def test_tasks_are_index_addressable_and_worlds_never_shared():
     far = task_at("train", 99_999_999, 0)
     assert time.perf_counter() - start < 0.5 and far.answer == far.subtasks[-1].gold
     seeds = {split: {t.world_seed for t in make_tasks(split, 200, 0)} for split in
-             ("train", "heldout", "heldout-compositions")}
+             ("train", "train-wide", "heldout", "heldout-compositions")}
     assert all(len(s) == 200 for s in seeds.values())          # a world per task
-    assert not seeds["train"] & (seeds["heldout"] | seeds["heldout-compositions"])
+    for training in ("train", "train-wide"):
+        assert not seeds[training] & (seeds["heldout"] | seeds["heldout-compositions"])
     # one shared world let a model answer held-out lookups from memory; now a name may recur
     # (names are drawn from few syllables) but its facts do not
     train = {(s.task, s.gold) for t in make_tasks("train", 2000, 0) for s in t.subtasks if s.kind == "lookup" and not s.deps}
@@ -119,8 +154,8 @@ def test_task_from_question_recovers_every_composition():
     from tasks import COMPOSITIONS, task_at, task_from_question, world_for_split
     world = world_for_split("heldout")
     seen = set()
-    for i in range(3 * len(COMPOSITIONS)):
-        task = task_at("heldout", i, 0, world=world)
+    for split, i in itertools.product(("heldout", "train-wide"), range(2 * len(COMPOSITIONS))):
+        task = task_at(split, i, 0, world=world)
         seen.add(task.composition)
         for question in (task.question, "  " + task.question.upper().replace(" ", "   ")):
             found = task_from_question(question, world)
