@@ -289,12 +289,16 @@ def c_sum_capital_populations(g, w, rng):
     return f"What is the total population of the capitals of {cs[0]}, {cs[1]} and {cs[2]}?"
 
 
-def c_founding_gap(g, w, rng):
-    a, b = _pick(rng, w, "city", 2)
-    if w.fact("city_founded", a) < w.fact("city_founded", b):
+def _founding_gap(g, w, rng, kind, relation):
+    a, b = _pick(rng, w, kind, 2)
+    if w.fact(relation, a) < w.fact(relation, b):
         a, b = b, a
-    g.math("{0} - {1}", g.lookup("city_founded", a), g.lookup("city_founded", b))
+    g.math("{0} - {1}", g.lookup(relation, a), g.lookup(relation, b))
     return f"How many years after {b} was {a} founded?"
+
+
+def c_founding_gap(g, w, rng):
+    return _founding_gap(g, w, rng, "city", "city_founded")
 
 
 def c_max_employees(g, w, rng):
@@ -407,11 +411,7 @@ def c_leader_birth_year(g, w, rng):
 
 
 def c_company_founding_gap(g, w, rng):
-    a, b = _pick(rng, w, "company", 2)
-    if w.fact("company_founded", a) < w.fact("company_founded", b):
-        a, b = b, a
-    g.math("{0} - {1}", g.lookup("company_founded", a), g.lookup("company_founded", b))
-    return f"How many years after {b} was {a} founded?"
+    return _founding_gap(g, w, rng, "company", "company_founded")
 
 
 def c_more_employees(g, w, rng):
