@@ -43,8 +43,8 @@ def test_release_adapter_matches_its_config_and_training_runs():
     assert {name: t.shape for name, t in saved.items()} == expected
     assert all(t.dtype == lora.DTYPES[record["dtype"]] and torch.isfinite(t).all() for t in saved.values())
     assert all(saved[name].abs().max() > 0 for name in saved if "lora_B" in name)
-    # the base alone is 540 MB in fp32: the release holds none of it, in a few MB
-    assert sum(f.stat().st_size for f in RELEASE.rglob("*") if f.is_file()) < 8e6
+    # the base alone is 540 MB in fp32: the release holds none of it, in about 10 MB
+    assert sum(f.stat().st_size for f in RELEASE.rglob("*") if f.is_file()) < 12e6
     # each stage's log ends at the step that stage was configured to reach
     for i, run in enumerate(stages, 1):
         rows = [json.loads(line) for line in (RELEASE / f"stage-{i}-metrics.jsonl").read_text().splitlines()]
