@@ -96,9 +96,9 @@ def print_summary(s: dict) -> None:
           f"n={s['n_width3']})  cost {s['cost']:.4f}  calls {s['calls']:.2f}  reward {s['reward']:.3f}  "
           f"truncated {s['truncated']:.3f}")
     print("reward terms: " + "  ".join(f"{k} {v:+.4f}" for k, v in s["reward_terms"].items()))
-    groups = [(name, s[f"success_{key}_compositions"]) for name, key in (("train's", "trained"), ("held-out", "heldout"))]
-    if all(value is not None for _, value in groups):
-        print("success on " + ", on ".join(f"{name} compositions {value:.3f}" for name, value in groups))
+    trained, heldout = s["success_trained_compositions"], s["success_heldout_compositions"]
+    if trained is not None and heldout is not None:
+        print(f"success on train's compositions {trained:.3f}, on held-out compositions {heldout:.3f}")
 
 
 TABLE_COLUMNS = ("success", "protocol", "rounds", "latency", "latency_width3", "cost", "reward")

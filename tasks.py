@@ -31,8 +31,9 @@ Design choices, and why:
   meets a word it never learned to route, not only a new combination. "train-wide" adds four
   compositions that each teach one such part (PART_COMPOSITIONS, used only in training):
   there, every relation and aggregation of a held-out composition is learned in some other
-  combination, and what a held-out composition still asks is the combination. A split also has one fixed reference world
-  (`world_for_split`) for free-text queries and for tests that want many tasks in one world.
+  combination, and what a held-out composition still asks is the combination. A split also has
+  one fixed reference world (`world_for_split`) for free-text queries and for tests that want
+  many tasks in one world.
 - Tasks are index-addressable (`task_at`): task i of a split is built from its own seed, so
   asking for task 10**8 costs one task, and a list of tasks is a prefix of a longer one.
 - Text from outside (a query, a callee's reply, a JSONL, trajectory or pool file) passes

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tasks import (COMPOSITIONS, HELDOUT_COMPOSITIONS, PART_COMPOSITIONS, load_jsonl_tasks, make_tasks,
-                   make_world, world_for_split)
+                   make_world, task_world, world_for_split)
 
 
 def test_world_and_tasks_are_deterministic():
@@ -82,7 +82,7 @@ def _parts(tasks):
                "employees of": "employees", "ceo of": "ceo"}
     parts = set()
     for t in tasks:
-        world = make_world(t.world_seed)
+        world = task_world(t)
         results = {}
         for s in t.subtasks:
             results[s.id] = s.gold
