@@ -297,14 +297,14 @@ def main(argv=None):
 # Where play_batch's time goes: (part, [(sign, function, the caller its time must come from, or
 # None for every caller)]), a part's seconds the signed sum of those functions' cumulative times.
 # The parts not indented are disjoint; the indented ones lie inside the passes above them.
-GENERATE = ("policy.py", "generate")
+STEP = ("policy.py", "step")  # Engine.step: where the mask is applied
 PLAY_PARTS = [
     ("prefill", [(1, ("policy.py", "_prefill"), None)]),
     ("decode steps", [(1, ("policy.py", "_decode"), None)]),
     ("appended state messages", [(1, ("policy.py", "_forward_suffix"), None), (-1, ("policy.py", "_decode"), None)]),
     ("  of which attention", [(1, ("policy.py", "_attend"), None)]),
     ("  of which output layer", [(1, ("~", "<built-in method torch._C._nn.linear>"), ("policy.py", "_forward_suffix"))]),
-    ("protocol mask", [(1, ("protocol_mask.py", "mask"), GENERATE), (1, ("protocol_mask.py", "advance"), GENERATE)]),
+    ("protocol mask", [(1, ("protocol_mask.py", "mask"), STEP), (1, ("protocol_mask.py", "advance"), STEP)]),
     ("sampling", [(1, ("policy.py", "sample_tokens"), None)]),
     ("environment", [(1, ("env.py", "step"), None)]),
 ]

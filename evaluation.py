@@ -78,12 +78,12 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
     generator = torch.Generator(model.model.output_weight().device).manual_seed(seed)
     start, tokens = time.perf_counter(), 0
     for k in range(0, len(episodes), batch):
-        def progress(turn, active, new_tokens):
+        def progress(turns, active, new_tokens):
             nonlocal tokens
             tokens += new_tokens
             elapsed = time.perf_counter() - start
             done = k + min(batch, len(episodes) - k) - active
-            print(f"play: episodes {done}/{len(episodes)} done, turn {turn} of this batch, {tokens} tokens, "
+            print(f"play: episodes {done}/{len(episodes)} done, {turns} turns in this batch, {tokens} tokens, "
                   f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
         play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress,
                    mask=mask)

@@ -20,11 +20,17 @@ The engine (`Engine`) is built for this project's hot path: G branches continuin
   the stop token waits ("unfed") until the branch is continued by `append`.
 - Per-token log-probs are recorded at temperature 1 (the model's distribution), the quantity
   RL's importance ratio needs; `token_logprobs` computes the same by teacher forcing.
+- Cache rows are not branch ids: the branches of a pass are first swapped into the cache's
+  first rows (and their prompts into the prefix cache's first rows), so every pass reads both
+  caches as slices. A swap copies two rows once when the set of active branches changes (a
+  branch stops, a turn starts), where an index read would copy every active row in every layer
+  of every step. Cache contents past a row's length are stale, never seen: masked (torch) or
+  never loaded (Triton).
 - `play_batch` drives whole episodes (anything with messages / step / done, such as env.Episode)
   on one engine: episodes that open identically share one prefix group, all decode together.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -56,20 +62,29 @@ class Completion:
 
 
 @dataclass
+class _Turn:
+    """A branch's turn being decoded: its token limit, its mask, what it generated so far."""
+    limit: int
+    constraint: object = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    mask_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class PassPlan:
     """Index plan of one engine pass over new suffix tokens, shared by all layers."""
     positions: torch.Tensor       # [A, T] absolute positions (prefix length + suffix slot)
     write: tuple                  # index of the new tokens' K/V in a layer's suffix cache
     write_is_head_major: bool     # True: `write` is slices, the cache view is [A, Hkv, T, D]
-    read: tuple                   # the rows' suffix K/V in use after the write
+    read: tuple                   # the rows' suffix K/V in use after the write (slices)
     start: torch.Tensor           # [A] int32 suffix slot of each row's first new token
     T: int                        # new tokens per row (padded)
     R: int                        # rows of the fullest group
-    groups: torch.Tensor          # prefix groups these rows belong to (sorted)
-    group_idx: torch.Tensor       # [A] index into `groups` of each row
+    n_groups: int                 # prompt groups of these rows: prefix cache rows 0..n_groups-1
+    group_idx: torch.Tensor       # [A] prefix cache row of each row's group
     slot_in_group: torch.Tensor | None  # [A] rank in its group; None when folding is a reshape
-    prefix_len: torch.Tensor      # [len(groups)] int32
-    all_groups: bool              # every group of the engine is present
+    prefix_len: torch.Tensor      # [n_groups] int32
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -123,12 +138,14 @@ class Engine:
         self.unfed: list[list[int]] = [[] for _ in range(n)]  # sampled, not yet in the KV cache
         # per token: the id of the mask it was sampled under (-1: none, or an appended token)
         self.mask_ids: list[list[int]] = [[] for _ in range(n)]
+        self.turns: dict[int, _Turn] = {}  # the branches being decoded (begin ... step)
         self.prefill_seconds = 0.0
         # One slot past max_suffix_len takes the K/V of padding tokens, so they never land on
         # a real token's slot; no real query reaches it.
         kv = (c.num_hidden_layers, n, self.n_kv_heads, max_suffix_len + 1, self.head_dim)
         self.suffix_k = torch.zeros(kv, device=self.device, dtype=self.dtype)
         self.suffix_v = torch.zeros(kv, device=self.device, dtype=self.dtype)
+        self.row_of = torch.arange(n, device=self.device)  # branch -> its suffix cache row
         self._prefill(prompts)
         # The logits that predict each branch's next token: its prompt's last logits, for now.
         self.next_logits = self.prompt_logits[group_of]
@@ -138,6 +155,7 @@ class Engine:
             self.prefix_k, self.prefix_v = self.prefix_k[:, group_of], self.prefix_v[:, group_of]
             self.prefix_len = self.prefix_len[group_of]
             self.group_of = torch.arange(n, device=self.device)
+        self.prefix_row_of = torch.arange(len(self.prefix_len), device=self.device)  # group -> prefix cache row
 
     @property
     def num_branches(self) -> int:
@@ -186,11 +204,39 @@ class Engine:
         Writes their K/V into the suffix cache and returns the logits at each row's last real
         token [A, V]. T = 1 is a decode step; T > 1 a chunk appended to each row's suffix.
         """
-        plan = self._plan(rows, n_real, ids.shape[1])
-        hidden = self.model.hidden_states(ids, plan.positions, partial(self._attend, plan))
-        last = hidden[torch.arange(len(rows), device=self.device), n_real - 1]
+        self._to_front(rows, self.row_of, self.suffix_k, self.suffix_v, self.suffix_len)
+        groups = torch.unique(self.group_of[rows])
+        self._to_front(groups, self.prefix_row_of, self.prefix_k, self.prefix_v, self.prefix_len)
+        order = torch.argsort(self.row_of[rows])  # the pass runs in cache-row order: rows 0..A-1
+        plan = self._plan(rows[order], n_real[order], ids.shape[1])
+        hidden = self.model.hidden_states(ids[order], plan.positions, partial(self._attend, plan))
+        last = hidden[torch.arange(len(rows), device=self.device), n_real[order] - 1]
         self.suffix_len[rows] += n_real
-        return F.linear(last, self.model.output_weight()).float()
+        logits = F.linear(last, self.model.output_weight()).float()
+        return logits[torch.argsort(order)]
+
+    @staticmethod
+    def _to_front(items, row_of, k, v, lengths):
+        """Swap cache rows so that `items` (unique branches, or prompt groups) hold rows
+        0..len(items)-1 of k and v [layers, rows, Hkv, slots, D]. `row_of` maps every item to its
+        row and is updated; only the slots in use (`lengths`, per item) are copied."""
+        A = len(items)
+        rows = row_of[items]
+        incoming = items[rows >= A]
+        if not len(incoming):
+            return
+        item_at = torch.empty_like(row_of)
+        item_at[row_of] = torch.arange(len(row_of), device=row_of.device)
+        taken = torch.zeros(A, dtype=torch.bool, device=row_of.device)
+        taken[rows[rows < A]] = True
+        free = torch.nonzero(~taken).squeeze(1)  # front rows held by items not in this pass
+        src, leaving = row_of[incoming], item_at[free]
+        used = int(torch.maximum(lengths[incoming].max(), lengths[leaving].max()))
+        for cache in (k, v):
+            a, b = cache[:, src, :, :used], cache[:, free, :, :used]  # index reads: copies
+            cache[:, free, :, :used] = a
+            cache[:, src, :, :used] = b
+        row_of[incoming], row_of[leaving] = free, src
 
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The decode step: one new token [A, 1] for each of `rows` (its own name, so that a
@@ -199,41 +245,42 @@ class Engine:
 
     def _plan(self, rows, n_real, T) -> PassPlan:
         """Where one pass writes and reads the caches and how it folds queries: computed once,
-        used by every layer."""
+        used by every layer. `rows` hold cache rows 0..A-1 in order, and their prompt groups
+        prefix cache rows 0..NG-1 (`_to_front`)."""
         A = len(rows)
         start = self.suffix_len[rows]  # suffix slot of each row's first new token
         used = int((start + n_real).max())  # suffix slots any row can see after this pass
         assert used <= self.max_suffix_len, "callers check the room first"
         offsets = torch.arange(T, device=self.device)
         group = self.group_of[rows]
-        r0 = int(rows[0])
-        contiguous = bool((rows == r0 + torch.arange(A, device=self.device)).all())
-        lockstep = contiguous and bool((start == start[0]).all() & (n_real == T).all())
-        if lockstep:  # the usual decode step: one strided copy per cache
+        lockstep = bool((start == start[0]).all() & (n_real == T).all())
+        if lockstep:  # the usual GRPO decode step: one strided copy per cache
             s0 = int(start[0])
-            write = (slice(r0, r0 + A), slice(None), slice(s0, s0 + T))
+            write = (slice(0, A), slice(None), slice(s0, s0 + T))
         else:  # padding tokens go to the spare slot past max_suffix_len
             slots = torch.where(offsets < n_real[:, None], start[:, None] + offsets, self.max_suffix_len)
-            write = (rows[:, None], slice(None), slots)
-        groups, group_idx = torch.unique(group, return_inverse=True)
+            write = (torch.arange(A, device=self.device)[:, None], slice(None), slots)
+        # a row's group, as its prefix cache row: 0..NG-1, so folding pairs with a slice of it
+        group_idx = self.prefix_row_of[group]
         counts = torch.bincount(group_idx)
-        R = int(counts.max())
+        NG, R = len(counts), int(counts.max())
+        prefix_len = torch.zeros(NG, dtype=torch.int32, device=self.device)
+        prefix_len[group_idx] = self.prefix_len[group].to(torch.int32)
         slot_in_group = None  # None: every group has R rows, in order, so folding is a reshape
-        if not (bool((group_idx[1:] >= group_idx[:-1]).all()) and A == len(groups) * R):
+        if not (bool((group_idx[1:] >= group_idx[:-1]).all()) and A == NG * R):
             order = torch.argsort(group_idx, stable=True)
             slot_in_group = torch.empty_like(group_idx)
             slot_in_group[order] = torch.arange(A, device=self.device) - (torch.cumsum(counts, 0) - counts)[group_idx[order]]
         return PassPlan(
             positions=self.prefix_len[group][:, None] + start[:, None] + offsets,
             write=write, write_is_head_major=lockstep,
-            read=(slice(r0, r0 + A) if contiguous else rows, slice(None), slice(0, used)),
-            start=start.to(torch.int32), T=T, R=R, groups=groups, group_idx=group_idx,
-            slot_in_group=slot_in_group, prefix_len=self.prefix_len[groups].to(torch.int32),
-            all_groups=len(groups) == self.prefix_k.shape[1])
+            read=(slice(0, A), slice(None), slice(0, used)),
+            start=start.to(torch.int32), T=T, R=R, n_groups=NG, group_idx=group_idx,
+            slot_in_group=slot_in_group, prefix_len=prefix_len)
 
     def _attend(self, plan: PassPlan, layer: int, q, k, v):
         """The model's attention for new suffix tokens: q [A, T, Hq, D]; k, v [A, T, Hkv, D]."""
-        A, T, NG, R = q.shape[0], plan.T, len(plan.groups), plan.R
+        A, T, NG, R = q.shape[0], plan.T, plan.n_groups, plan.R
         H, rep, D = self.n_kv_heads, self.q_per_kv, self.head_dim
         self.suffix_k[layer][plan.write] = k.transpose(1, 2) if plan.write_is_head_major else k
         self.suffix_v[layer][plan.write] = v.transpose(1, 2) if plan.write_is_head_major else v
@@ -244,9 +291,7 @@ class Engine:
             folded = q.new_zeros(NG, R, H, T, rep, D)
             folded[plan.group_idx, plan.slot_in_group] = q.view(A, T, H, rep, D).permute(0, 2, 1, 3, 4)
             folded = folded.permute(0, 2, 1, 3, 4, 5)
-        pk, pv = self.prefix_k[layer], self.prefix_v[layer]
-        if not plan.all_groups:
-            pk, pv = pk[plan.groups], pv[plan.groups]
+        pk, pv = self.prefix_k[layer][:NG], self.prefix_v[layer][:NG]
         out1, lse1 = prefix_attn.prefix_attention(folded.reshape(NG, H, R * T * rep, D), pk, pv,
                                               plan.prefix_len, self.scale)
         out1 = out1.view(NG, H, R, T, rep, D).permute(0, 2, 1, 4, 3, 5)  # unfold: [NG, R, H, rep, T, D]
@@ -293,72 +338,94 @@ class Engine:
             self.mask_ids[b] += [-1] * len(t)
             self.unfed[b] = []
 
-    def generate(self, params: SamplingParams, branches=None, generator=None,
-                 max_new_tokens: dict[int, int] | None = None, constraints: dict | None = None) -> list[Completion]:
-        """Decode the given branches (default: all) until each hits a stop condition.
+    def begin(self, params: SamplingParams, branches, max_new_tokens: dict[int, int] | None = None,
+              constraints: dict | None = None) -> list[Completion]:
+        """Start a turn on these branches: each `step` then decodes one token for every branch
+        in a turn, until that branch hits a stop condition. Returns the turns that end at once
+        (no room left, or a limit of 0).
 
         `max_new_tokens` overrides `params.max_new_tokens` for the branches it names.
         `constraints` maps a branch to an object with `mask(left) -> (mask id, bool [V])` and
         `advance(token)` (protocol_mask.TurnMask): each step samples among the tokens its mask
         allows, and the recorded log-prob is over those tokens (the distribution that sampled).
         """
-        branches = list(range(self.num_branches)) if branches is None else list(branches)
+        if params.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need the engine's `decode` function")
+        busy = [b for b in branches if b in self.turns]
+        assert not busy, f"branches {busy} are already in a turn"
         # A branch also stops where its suffix room ends: every token it generates has a slot
         # (the last one is fed only when the branch goes on), so the engine stays consistent.
         limit = {b: min((max_new_tokens or {}).get(b, params.max_new_tokens), self.room(b)) for b in branches}
         self.append({b: [] for b in branches if self.unfed[b] and limit[b] > 0})  # a stopped branch goes on
-        if params.stop_strings and self.decode is None:
-            raise ValueError("stop_strings need the engine's `decode` function")
-        stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
-        tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
-        new = {b: [] for b in branches}
-        new_lp = {b: [] for b in branches}
-        new_mask = {b: [] for b in branches}
-        constraints = constraints or {}
-        done = {b: "length" for b in branches if limit[b] <= 0}
-        active = torch.tensor([b for b in branches if b not in done], dtype=torch.long, device=self.device)
-        while len(active):
-            logits = self.next_logits[active]
-            mask_ids = [-1] * len(active)
-            if constraints:
-                rows = []
-                for k, b in enumerate(active.tolist()):
-                    if b in constraints:
-                        mask_ids[k], row = constraints[b].mask(limit[b] - len(new[b]))
-                        rows.append(row)
-                    else:
-                        rows.append(torch.ones(logits.shape[-1], dtype=torch.bool, device=self.device))
-                logits = logits.masked_fill(~torch.stack(rows), float("-inf"))
-            token = sample_tokens(logits, params.temperature, params.top_p, generator)
-            logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-            is_stop = torch.isin(token, stop_ids)
-            keep = []
-            for b, t, lp, stop, mid in zip(active.tolist(), token.tolist(), logprob.tolist(), is_stop.tolist(), mask_ids):
-                new[b].append(t)
-                new_lp[b].append(lp)
-                new_mask[b].append(mid)
-                if b in constraints:
-                    constraints[b].advance(t)
-                if stop:
-                    done[b] = "stop_token"
-                elif tail and any(s in self.decode(new[b][-tail:]) for s in params.stop_strings):
-                    done[b] = "stop_string"
-                elif len(new[b]) >= limit[b]:
-                    done[b] = "length"
-                if b in done:
-                    self.unfed[b] = [t]
-                else:
-                    keep.append(b)
-            if not keep:
-                break
-            active = torch.tensor(keep, dtype=torch.long, device=self.device)
-            ids = torch.tensor([new[b][-1] for b in keep], device=self.device)[:, None]
-            self.next_logits[active] = self._decode(active, ids)
         for b in branches:
-            self.tokens[b] += new[b]
-            self.logprobs[b] += new_lp[b]
-            self.mask_ids[b] += new_mask[b]
-        return [Completion(b, new[b], new_lp[b], done[b]) for b in branches]
+            self.turns[b] = _Turn(limit[b], (constraints or {}).get(b))
+        return [self._end_turn(b, "length") for b in branches if limit[b] <= 0]
+
+    def step(self, params: SamplingParams, generator=None) -> list[Completion]:
+        """One token for every branch in a turn: sampled from the logits that predict it, then
+        fed (one decode pass for all of them) unless its turn ends. Returns the ended turns."""
+        active = sorted(self.turns)
+        if not active:
+            return []
+        rows = torch.tensor(active, dtype=torch.long, device=self.device)
+        logits = self.next_logits[rows]
+        mask_ids = [-1] * len(active)
+        if any(self.turns[b].constraint is not None for b in active):
+            allowed = []
+            for k, b in enumerate(active):
+                turn = self.turns[b]
+                if turn.constraint is not None:
+                    mask_ids[k], row = turn.constraint.mask(turn.limit - len(turn.tokens))
+                    allowed.append(row)
+                else:
+                    allowed.append(torch.ones(logits.shape[-1], dtype=torch.bool, device=self.device))
+            logits = logits.masked_fill(~torch.stack(allowed), float("-inf"))
+        token = sample_tokens(logits, params.temperature, params.top_p, generator)
+        logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        is_stop = torch.isin(token, torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device))
+        tail = max((len(s.encode()) for s in params.stop_strings), default=0)  # >= 1 byte per token
+        ended, keep = [], []
+        for b, t, lp, stop, mid in zip(active, token.tolist(), logprob.tolist(), is_stop.tolist(), mask_ids):
+            turn = self.turns[b]
+            turn.tokens.append(t)
+            turn.logprobs.append(lp)
+            turn.mask_ids.append(mid)
+            if turn.constraint is not None:
+                turn.constraint.advance(t)
+            reason = None
+            if stop:
+                reason = "stop_token"
+            elif tail and any(s in self.decode(turn.tokens[-tail:]) for s in params.stop_strings):
+                reason = "stop_string"
+            elif len(turn.tokens) >= turn.limit:
+                reason = "length"
+            if reason is None:
+                keep.append(b)
+            else:
+                self.unfed[b] = [t]
+                ended.append(self._end_turn(b, reason))
+        if keep:
+            rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+            ids = torch.tensor([self.turns[b].tokens[-1] for b in keep], device=self.device)[:, None]
+            self.next_logits[rows] = self._decode(rows, ids)
+        return ended
+
+    def _end_turn(self, b: int, reason: str) -> Completion:
+        turn = self.turns.pop(b)
+        self.tokens[b] += turn.tokens
+        self.logprobs[b] += turn.logprobs
+        self.mask_ids[b] += turn.mask_ids
+        return Completion(b, turn.tokens, turn.logprobs, reason)
+
+    def generate(self, params: SamplingParams, branches=None, generator=None,
+                 max_new_tokens: dict[int, int] | None = None, constraints: dict | None = None) -> list[Completion]:
+        """Decode the given branches (default: all) until each hits a stop condition: `begin`,
+        then `step` until every turn ended. Completions come in the order of `branches`."""
+        branches = list(range(self.num_branches)) if branches is None else list(branches)
+        ended = {c.branch: c for c in self.begin(params, branches, max_new_tokens, constraints)}
+        while self.turns:
+            ended.update((c.branch, c) for c in self.step(params, generator))
+        return [ended[b] for b in branches]
 
 
 def pack_by_length(lengths: list[int], pass_cost: int = 32) -> list[list[int]]:
@@ -563,14 +630,16 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     (returns the next user message, or None when it is over) and `done` — env.Episode, without
     this module knowing env. Episodes whose opening messages are identical (a GRPO group: G
     samples of one task and pool) become branches of ONE prefix group, so their prompt's KV is
-    computed and stored once; every turn, all unfinished episodes decode in the same steps, and
-    each state message is appended to its own branch.
+    computed and stored once. All unfinished episodes decode in the same steps; an episode whose
+    turn ends gets its state message appended to its own branch and starts its next turn at the
+    next step, without waiting for the others' turns to end.
 
     An episode that outgrows its branch's room (`max_suffix_len` tokens after the prompt) ends
     as truncated, through its `truncate(reason)` if it has one (else it is only left unplayed):
     when a turn is cut by the room's end (that turn is not played), or when its state message
-    would not leave the next turn `min_turn_room` tokens. `on_turn(turn, active, new_tokens)`,
-    if given, is called after each turn (progress reports).
+    would not leave the next turn `min_turn_room` tokens. `on_turn(turns, active, new_tokens)`,
+    if given, is called whenever turns end (progress reports): turns ended so far, episodes
+    still playing, tokens of the turns that just ended.
 
     With `mask` (the default), an episode that has `turn_spec()` (env.Episode) decodes each turn
     under the protocol mask (protocol_mask.py): every turn it samples is one the environment
@@ -593,16 +662,21 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
         if hasattr(episode, "truncate"):
             episode.truncate(reason)
 
-    active = [b for b, i in enumerate(order) if not episodes[i].done]
-    turn = 0
-    while active:
-        states = {}
+    def begin(branches):
         constraints = None
         if mask:
-            constraints = {b: policy.protocol_mask.start(episodes[order[b]].turn_spec()) for b in active
+            constraints = {b: policy.protocol_mask.start(episodes[order[b]].turn_spec()) for b in branches
                            if hasattr(episodes[order[b]], "turn_spec")}
-        completions = engine.generate(params, branches=active, generator=generator, constraints=constraints)
-        for c in completions:
+        return engine.begin(params, branches, constraints=constraints)
+
+    # Each episode goes on as soon as its own turn ends: its state message is appended and its
+    # next turn joins the very next decode step, so no episode waits for the batch's longest turn.
+    ended = begin([b for b, i in enumerate(order) if not episodes[i].done])
+    turns = 0
+    while ended or engine.turns:
+        ended = ended or engine.step(params, generator)
+        states = {}
+        for c in ended:
             episode = episodes[order[c.branch]]
             if c.stop_reason == "length" and len(c.token_ids) < params.max_new_tokens:
                 truncate(episode, f"turn cut at the end of the engine's room ({engine.max_suffix_len} tokens)")
@@ -616,11 +690,11 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
                 truncate(episode, f"no room left for the next turn ({engine.max_suffix_len} tokens)")
             else:
                 states[c.branch] = tokens
+        turns += len(ended)
+        if on_turn is not None and ended:
+            on_turn(turns, len(engine.turns) + len(states), sum(len(c.token_ids) for c in ended))
         engine.append(states)
-        active = list(states)
-        turn += 1
-        if on_turn is not None:
-            on_turn(turn, len(active), sum(len(c.token_ids) for c in completions))
+        ended = begin(list(states))
     branch_of = [0] * len(episodes)
     for b, i in enumerate(order):
         branch_of[i] = b

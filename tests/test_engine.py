@@ -78,6 +78,29 @@ def test_scattered_rows_match_each_branch_alone(tiny):
             history[b] += completion.token_ids
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_cache_rows_swapped_under_random_active_sets_match_each_branch_alone(tiny, share_prefix):
+    """Every pass moves its branches to the caches' first rows (and their prompts to the prefix
+    cache's): random subsets, turn after turn, against decoding each branch alone."""
+    prompts = [PROMPTS[0], PROMPTS[1], [8, 9, 10], [33, 34, 35, 36, 37, 38]]
+    branches = [3, 1, 2, 2]
+    prompt_of = [g for g, n in enumerate(branches) for _ in range(n)]
+    engine = Engine(tiny, prompts, branches=branches, max_suffix_len=200, share_prefix=share_prefix)
+    history = {b: list(prompts[g]) for b, g in enumerate(prompt_of)}
+    rng = torch.Generator().manual_seed(3)
+    for turn in range(8):
+        rows = sorted(torch.randperm(8, generator=rng)[: 1 + turn % 5].tolist())
+        state = {b: torch.randint(0, VOCAB, (1 + (b * turn) % 4,), generator=rng).tolist() for b in rows}
+        engine.append(state)
+        limits = {b: 1 + (b + turn) % 5 for b in rows}  # branches stop at different steps
+        out = engine.generate(GREEDY, branches=rows, max_new_tokens=limits)
+        for b, completion in zip(rows, out):
+            history[b] += state[b]
+            assert completion.token_ids == greedy_alone(tiny, history[b], limits[b]), f"branch {b}, turn {turn}"
+            history[b] += completion.token_ids
+    assert sorted(engine.row_of.tolist()) == list(range(8))
+
+
 def test_first_token_comes_from_the_shared_prompt(tiny):
     engine = Engine(tiny, PROMPTS, branches=[2, 1], max_suffix_len=16)
     out = engine.generate(SamplingParams(temperature=0.0, max_new_tokens=5))

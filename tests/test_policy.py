@@ -92,7 +92,7 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     assert infer.main(["--query", "What is 17*23?", "--policy", str(checkpoint), "--max-new-tokens", "12",
                        "--max-turns", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr()
-    assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, turn 1" in out.err
+    assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, 1 turns in this batch" in out.err
 
 
 def test_infer_evaluates_a_jsonl_dataset(checkpoint, capsys, tmp_path):
