@@ -60,9 +60,10 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
                   max_suffix_len: int = 2048, quiet: bool = False, mask: bool = True) -> None:
     """Play every episode to its end. A scripted policy plays them one by one (`indices` seed
     them); a checkpoint folder (or an already loaded policy.Policy) plays `batch` episodes at a
-    time on one engine (policy.play_batch: all unfinished episodes decode together, identical
-    prompts share KV; an episode longer than `max_suffix_len` tokens ends as truncated).
-    Checkpoint play reports its progress on stderr, a line per turn, unless `quiet`; it decodes
+    time on one engine (policy.play_batch: all playing episodes decode together, a finished
+    episode's row goes to the next one at once, identical prompts share KV; an episode longer
+    than `max_suffix_len` tokens ends as truncated).
+    Checkpoint play reports its progress on stderr, a line whenever turns end, unless `quiet`; it decodes
     under the protocol mask unless `mask` is False."""
     if isinstance(policy, str) and not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
@@ -77,16 +78,15 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
     params = model.chat_params(temperature, max_new_tokens=max_new_tokens)
     generator = torch.Generator(model.model.output_weight().device).manual_seed(seed)
     start, tokens = time.perf_counter(), 0
-    for k in range(0, len(episodes), batch):
-        def progress(turns, active, new_tokens):
-            nonlocal tokens
-            tokens += new_tokens
-            elapsed = time.perf_counter() - start
-            done = k + min(batch, len(episodes) - k) - active
-            print(f"play: episodes {done}/{len(episodes)} done, {turns} turns in this batch, {tokens} tokens, "
-                  f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
-        play_batch(model, episodes[k:k + batch], params, max_suffix_len, generator, on_turn=None if quiet else progress,
-                   mask=mask)
+
+    def progress(turns, playing, new_tokens):
+        nonlocal tokens
+        tokens += new_tokens
+        elapsed = time.perf_counter() - start
+        print(f"play: episodes {len(episodes) - playing}/{len(episodes)} done, {turns} turns, {tokens} tokens, "
+              f"{tokens / elapsed:.1f} tok/s, {elapsed:.1f}s", file=sys.stderr, flush=True)
+    play_batch(model, episodes, params, max_suffix_len, generator, on_turn=None if quiet else progress, mask=mask,
+               max_rows=batch)
 
 
 # ---------------------------------------------------------------- pools

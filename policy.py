@@ -110,17 +110,19 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, prompts: list[list[int]], branches: int | list[int] = 1,
-                 max_suffix_len: int = 512, share_prefix: bool = True, decode=None):
+                 max_suffix_len: int = 512, share_prefix: bool = True, decode=None,
+                 max_rows: int | None = None, max_prompt_len: int | None = None):
+        """`max_rows` rows of suffix cache (and of prefix cache) and `max_prompt_len` prompt
+        slots (defaults: what `prompts` and `branches` need) leave room for prompts that `add`
+        brings in later, in the rows `release` frees."""
         c = model.config
         if isinstance(branches, int):
             branches = [branches] * len(prompts)
-        assert len(branches) == len(prompts) and all(b >= 1 for b in branches), branches
-        assert all(len(p) >= 1 for p in prompts), "every prompt needs at least one token"
-        longest = max(len(p) for p in prompts) + max_suffix_len
-        if longest > c.max_position_embeddings:
-            raise ValueError(f"prompt + max_suffix_len = {longest} tokens > max_position_embeddings "
-                             f"{c.max_position_embeddings}")
-        self.model, self.decode = model, decode
+        self.max_prompt_len = max([max_prompt_len or 0] + [len(p) for p in prompts])
+        if self.max_prompt_len + max_suffix_len > c.max_position_embeddings:
+            raise ValueError(f"prompt + max_suffix_len = {self.max_prompt_len + max_suffix_len} tokens > "
+                             f"max_position_embeddings {c.max_position_embeddings}")
+        self.model, self.decode, self.share_prefix = model, decode, share_prefix
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.n_kv_heads, self.head_dim = c.num_key_value_heads, c.head_size
@@ -130,32 +132,29 @@ class Engine:
         # `append`'s fixed cost of one pass, in tokens, against padding (see pack_by_length);
         # a huge value gives one pass padded to the longest append (the benchmark's baseline).
         self.append_pass_cost = 32
-        n = sum(branches)
-        group_of = torch.tensor([g for g, b in enumerate(branches) for _ in range(b)], device=self.device)
-        self.suffix_len = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.logprobs: list[list[float | None]] = [[] for _ in range(n)]
-        self.unfed: list[list[int]] = [[] for _ in range(n)]  # sampled, not yet in the KV cache
-        # per token: the id of the mask it was sampled under (-1: none, or an appended token)
-        self.mask_ids: list[list[int]] = [[] for _ in range(n)]
-        self.turns: dict[int, _Turn] = {}  # the branches being decoded (begin ... step)
         self.prefill_seconds = 0.0
+        # Per branch (ids in the order `add` made them; a released branch keeps its history):
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float | None]] = []
+        self.unfed: list[list[int]] = []  # sampled, not yet in the KV cache
+        self.mask_ids: list[list[int]] = []  # per token: the mask it was sampled under (-1: none, or appended)
+        self.turns: dict[int, _Turn] = {}  # the branches being decoded (begin ... step)
+        long = dict(dtype=torch.long, device=self.device)
+        self.suffix_len, self.group_of, self.row_of = (torch.zeros(0, **long) for _ in range(3))
+        self.next_logits = torch.zeros(0, c.vocab_size, device=self.device)  # predict each branch's next token
+        # Per prompt group: its prompt length and prefix cache row (-1 once released).
+        self.prefix_len, self.prefix_row_of = torch.zeros(0, **long), torch.zeros(0, **long)
+        rows = max(max_rows or 0, sum(branches))
+        prefix_rows = max(max_rows or 0, len(prompts) if share_prefix else rows)
         # One slot past max_suffix_len takes the K/V of padding tokens, so they never land on
         # a real token's slot; no real query reaches it.
-        kv = (c.num_hidden_layers, n, self.n_kv_heads, max_suffix_len + 1, self.head_dim)
-        self.suffix_k = torch.zeros(kv, device=self.device, dtype=self.dtype)
-        self.suffix_v = torch.zeros(kv, device=self.device, dtype=self.dtype)
-        self.row_of = torch.arange(n, device=self.device)  # branch -> its suffix cache row
-        self._prefill(prompts)
-        # The logits that predict each branch's next token: its prompt's last logits, for now.
-        self.next_logits = self.prompt_logits[group_of]
-        if share_prefix:
-            self.group_of = group_of
-        else:  # the baseline layout: every branch owns a copy of its prompt's KV
-            self.prefix_k, self.prefix_v = self.prefix_k[:, group_of], self.prefix_v[:, group_of]
-            self.prefix_len = self.prefix_len[group_of]
-            self.group_of = torch.arange(n, device=self.device)
-        self.prefix_row_of = torch.arange(len(self.prefix_len), device=self.device)  # group -> prefix cache row
+        suffix = (c.num_hidden_layers, rows, self.n_kv_heads, max_suffix_len + 1, self.head_dim)
+        prefix = (c.num_hidden_layers, prefix_rows, self.n_kv_heads, self.max_prompt_len, self.head_dim)
+        self.suffix_k, self.suffix_v = (torch.zeros(suffix, device=self.device, dtype=self.dtype) for _ in range(2))
+        self.prefix_k, self.prefix_v = (torch.zeros(prefix, device=self.device, dtype=self.dtype) for _ in range(2))
+        self.branch_at = torch.full((rows,), -1, **long)  # suffix cache row -> branch (-1: free)
+        self.group_at = torch.full((prefix_rows,), -1, **long)  # prefix cache row -> group (-1: free)
+        self.add(prompts, branches)
 
     @property
     def num_branches(self) -> int:
@@ -167,33 +166,84 @@ class Engine:
             return sum(t.numel() * t.element_size() for t in tensors)
         return size(self.prefix_k, self.prefix_v), size(self.suffix_k, self.suffix_v)
 
+    def add(self, prompts: list[list[int]], branches: int | list[int] = 1) -> list[int]:
+        """Prefill new prompts into free rows and open `branches` branches on each: returns
+        their branch ids, group by group. `share_prefix=False` (the benchmark's baseline) gives
+        every branch a copy of its prompt's KV instead."""
+        if isinstance(branches, int):
+            branches = [branches] * len(prompts)
+        assert len(branches) == len(prompts) and all(b >= 1 for b in branches), branches
+        assert all(1 <= len(p) <= self.max_prompt_len for p in prompts), \
+            f"every prompt needs 1 to max_prompt_len={self.max_prompt_len} tokens"
+        n, g0, b0 = sum(branches), len(self.prefix_len), self.num_branches
+        local = torch.tensor([g for g, b in enumerate(branches) for _ in range(b)], device=self.device)
+        copies = local if not self.share_prefix else torch.arange(len(prompts), device=self.device)
+        rows = torch.nonzero(self.branch_at < 0).squeeze(1)[:n]
+        prows = torch.nonzero(self.group_at < 0).squeeze(1)[:len(copies)]
+        if len(rows) < n or len(prows) < len(copies):
+            raise RuntimeError(f"no room for {n} more branches: release finished ones first")
+        if self.share_prefix:
+            logits = self._prefill(prompts, prows)
+        else:  # the baseline layout: each branch's own copy of its prompt's KV
+            first = torch.searchsorted(local, torch.arange(len(prompts), device=self.device))  # a prompt's first branch
+            logits = self._prefill(prompts, prows[first])
+            for cache in (self.prefix_k, self.prefix_v):
+                cache[:, prows] = cache[:, prows[first[local]]]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)[copies]
+        self.group_at[prows] = g0 + torch.arange(len(copies), device=self.device)
+        self.prefix_len = torch.cat([self.prefix_len, lengths])
+        self.prefix_row_of = torch.cat([self.prefix_row_of, prows])
+        self.branch_at[rows] = b0 + torch.arange(n, device=self.device)
+        self.row_of = torch.cat([self.row_of, rows])
+        self.group_of = torch.cat([self.group_of, g0 + (local if self.share_prefix else torch.arange(n, device=self.device))])
+        self.suffix_len = torch.cat([self.suffix_len, torch.zeros(n, dtype=torch.long, device=self.device)])
+        self.next_logits = torch.cat([self.next_logits, logits[local]])  # each branch's prompt's last logits
+        for history in (self.tokens, self.logprobs, self.unfed, self.mask_ids):
+            history.extend([] for _ in range(n))
+        return list(range(b0, b0 + n))
+
+    def free_rows(self) -> int:
+        """Suffix cache rows that `add` can give to new branches."""
+        return int((self.branch_at < 0).sum())
+
+    def release(self, branches) -> None:
+        """Free the cache rows of finished branches (their token histories stay), and of a
+        prompt group once all of its branches are released."""
+        branches = torch.tensor(sorted(branches), dtype=torch.long, device=self.device)
+        assert not set(branches.tolist()) & set(self.turns), "a branch in a turn cannot be released"
+        assert bool((self.row_of[branches] >= 0).all()), "a branch is released twice"
+        self.branch_at[self.row_of[branches]] = -1
+        self.row_of[branches] = -1
+        for g in torch.unique(self.group_of[branches]).tolist():
+            if bool((self.row_of[self.group_of == g] < 0).all()):
+                self.group_at[self.prefix_row_of[g]] = -1
+                self.prefix_row_of[g] = -1
+
     # -- prefill ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prefill(self, prompts):
+    def _prefill(self, prompts, rows):
+        """The prompts' KV into prefix cache `rows`; returns the logits after each prompt."""
         t0 = time.perf_counter()
-        c = self.model.config
         NG, P = len(prompts), max(len(p) for p in prompts)
-        kv = (c.num_hidden_layers, NG, self.n_kv_heads, P, self.head_dim)
-        self.prefix_k = torch.zeros(kv, device=self.device, dtype=self.dtype)
-        self.prefix_v = torch.zeros(kv, device=self.device, dtype=self.dtype)
-        self.prefix_len = torch.tensor([len(p) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = torch.zeros(NG, P, dtype=torch.long, device=self.device)
         for g, p in enumerate(prompts):  # right padding: causal attention keeps it invisible
             ids[g, : len(p)] = torch.tensor(p)
 
         def attention(layer, q, k, v):
-            self.prefix_k[layer] = k.transpose(1, 2)
-            self.prefix_v[layer] = v.transpose(1, 2)
+            self.prefix_k[layer, rows, :, :P] = k.transpose(1, 2)
+            self.prefix_v[layer, rows, :, :P] = v.transpose(1, 2)
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True, enable_gqa=self.q_per_kv > 1).transpose(1, 2)
 
         hidden = self.model.hidden_states(ids, attention=attention)
-        last = hidden[torch.arange(NG, device=self.device), self.prefix_len - 1]
-        self.prompt_logits = F.linear(last, self.model.output_weight()).float()
+        last = hidden[torch.arange(NG, device=self.device), lengths - 1]
+        logits = F.linear(last, self.model.output_weight()).float()
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # so prefill_seconds is the prefill's, not its launch's
         self.prefill_seconds += time.perf_counter() - t0
+        return logits
 
     # -- one forward pass over new suffix tokens ---------------------------------------------------
 
@@ -204,9 +254,9 @@ class Engine:
         Writes their K/V into the suffix cache and returns the logits at each row's last real
         token [A, V]. T = 1 is a decode step; T > 1 a chunk appended to each row's suffix.
         """
-        self._to_front(rows, self.row_of, self.suffix_k, self.suffix_v, self.suffix_len)
+        self._to_front(rows, self.row_of, self.branch_at, self.suffix_k, self.suffix_v, self.suffix_len)
         groups = torch.unique(self.group_of[rows])
-        self._to_front(groups, self.prefix_row_of, self.prefix_k, self.prefix_v, self.prefix_len)
+        self._to_front(groups, self.prefix_row_of, self.group_at, self.prefix_k, self.prefix_v, self.prefix_len)
         order = torch.argsort(self.row_of[rows])  # the pass runs in cache-row order: rows 0..A-1
         plan = self._plan(rows[order], n_real[order], ids.shape[1])
         hidden = self.model.hidden_states(ids[order], plan.positions, partial(self._attend, plan))
@@ -216,27 +266,28 @@ class Engine:
         return logits[torch.argsort(order)]
 
     @staticmethod
-    def _to_front(items, row_of, k, v, lengths):
+    def _to_front(items, row_of, item_at, k, v, lengths):
         """Swap cache rows so that `items` (unique branches, or prompt groups) hold rows
-        0..len(items)-1 of k and v [layers, rows, Hkv, slots, D]. `row_of` maps every item to its
-        row and is updated; only the slots in use (`lengths`, per item) are copied."""
+        0..len(items)-1 of k and v [layers, rows, Hkv, slots, D]. `row_of` (item -> row) and
+        `item_at` (row -> item, -1: free) are updated; only the slots in use (`lengths`, per
+        item) are copied."""
         A = len(items)
         rows = row_of[items]
         incoming = items[rows >= A]
         if not len(incoming):
             return
-        item_at = torch.empty_like(row_of)
-        item_at[row_of] = torch.arange(len(row_of), device=row_of.device)
         taken = torch.zeros(A, dtype=torch.bool, device=row_of.device)
         taken[rows[rows < A]] = True
-        free = torch.nonzero(~taken).squeeze(1)  # front rows held by items not in this pass
+        free = torch.nonzero(~taken).squeeze(1)  # front rows that are free or hold items not in this pass
         src, leaving = row_of[incoming], item_at[free]
-        used = int(torch.maximum(lengths[incoming].max(), lengths[leaving].max()))
+        used = int(torch.cat([lengths[incoming], lengths[leaving[leaving >= 0]]]).max())
         for cache in (k, v):
             a, b = cache[:, src, :, :used], cache[:, free, :, :used]  # index reads: copies
             cache[:, free, :, :used] = a
             cache[:, src, :, :used] = b
-        row_of[incoming], row_of[leaving] = free, src
+        row_of[incoming], item_at[free] = free, incoming
+        row_of[leaving[leaving >= 0]] = src[leaving >= 0]
+        item_at[src] = leaving
 
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The decode step: one new token [A, 1] for each of `rows` (its own name, so that a
@@ -579,12 +630,15 @@ class Policy:
         """A checkpoint folder, or a LoRA adapter folder merged into its base (lora.load_any)."""
         return cls(lora.load_any(path, device=device, dtype=dtype), Tokenizer.load(lora.tokenizer_folder(path)))
 
-    def engine(self, prompts: list[list[int]], branches: int | list[int] = 1, max_suffix_len: int = 512) -> Engine:
+    def engine(self, prompts: list[list[int]], branches: int | list[int] = 1, max_suffix_len: int = 512,
+               max_rows: int | None = None, max_prompt_len: int = 0) -> Engine:
         """An engine over these token prompts, its suffix room capped by the model's context."""
-        room = self.model.config.max_position_embeddings - max(map(len, prompts))
+        longest = max([max_prompt_len] + [len(p) for p in prompts])
+        room = self.model.config.max_position_embeddings - longest
         if room < 2:
-            raise ValueError(f"prompt of {max(map(len, prompts))} tokens fills the model's context")
-        return Engine(self.model, prompts, branches, min(max_suffix_len, room), decode=self.tokenizer.decode)
+            raise ValueError(f"prompt of {longest} tokens fills the model's context")
+        return Engine(self.model, prompts, branches, min(max_suffix_len, room), decode=self.tokenizer.decode,
+                      max_rows=max_rows, max_prompt_len=longest)
 
     def chat_params(self, temperature=0.0, top_p=1.0, max_new_tokens=256) -> SamplingParams:
         """Sampling that ends an assistant turn at the chat's end-of-turn token(s)."""
@@ -623,23 +677,26 @@ class Policy:
 
 
 def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffix_len: int = 2048,
-               generator=None, min_turn_room: int = 32, on_turn=None, mask: bool = True) -> tuple[Engine, list[int]]:
+               generator=None, min_turn_room: int = 32, on_turn=None, mask: bool = True,
+               max_rows: int | None = None) -> tuple[Engine, list[int]]:
     """Drive several episodes to the end at once, one engine branch per episode.
 
     An episode is anything with `messages` (the conversation so far), `step(text, n_tokens)`
     (returns the next user message, or None when it is over) and `done` — env.Episode, without
     this module knowing env. Episodes whose opening messages are identical (a GRPO group: G
     samples of one task and pool) become branches of ONE prefix group, so their prompt's KV is
-    computed and stored once. All unfinished episodes decode in the same steps; an episode whose
+    computed and stored once. All playing episodes decode in the same steps; an episode whose
     turn ends gets its state message appended to its own branch and starts its next turn at the
-    next step, without waiting for the others' turns to end.
+    next step, without waiting for the others' turns to end. With `max_rows`, at most that many
+    episodes play at once: the groups wait in order, and a group starts as soon as finished
+    episodes free enough rows (so the batch stays full until the queue is empty).
 
     An episode that outgrows its branch's room (`max_suffix_len` tokens after the prompt) ends
     as truncated, through its `truncate(reason)` if it has one (else it is only left unplayed):
     when a turn is cut by the room's end (that turn is not played), or when its state message
-    would not leave the next turn `min_turn_room` tokens. `on_turn(turns, active, new_tokens)`,
-    if given, is called whenever turns end (progress reports): turns ended so far, episodes
-    still playing, tokens of the turns that just ended.
+    would not leave the next turn `min_turn_room` tokens. `on_turn(turns, playing, new_tokens)`,
+    if given, is called whenever turns end (progress reports): turns ended so far, episodes not
+    finished (queued ones included), tokens of the turns that just ended.
 
     With `mask` (the default), an episode that has `turn_spec()` (env.Episode) decodes each turn
     under the protocol mask (protocol_mask.py): every turn it samples is one the environment
@@ -654,48 +711,72 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
     for i, episode in enumerate(episodes):
         key = tuple(policy.tokenizer.encode_chat(episode.messages))
         groups.setdefault(key, []).append(i)
-    order = [i for members in groups.values() for i in members]  # branch b plays episodes[order[b]]
-    engine = policy.engine([list(key) for key in groups], [len(m) for m in groups.values()], max_suffix_len)
+    queue = list(groups.items())
+    rows = max(max_rows or len(episodes), max(len(members) for members in groups.values()))
+    first = []
+    while queue and sum(len(m) for _, m in first) + len(queue[0][1]) <= rows:
+        first.append(queue.pop(0))
+    engine = policy.engine([list(key) for key, _ in first], [len(m) for _, m in first], max_suffix_len,
+                           max_rows=rows if queue else None, max_prompt_len=max(len(key) for key in groups))
+    episode_at = [i for _, members in first for i in members]  # branch b plays episodes[episode_at[b]]
     min_turn_room = min(min_turn_room, params.max_new_tokens)
+    unfinished = len(episodes)
 
     def truncate(episode, reason):
         if hasattr(episode, "truncate"):
             episode.truncate(reason)
 
-    def begin(branches):
+    def begin(branches, over):
+        """Free the rows of the episodes `over`, admit the waiting groups that now fit, and
+        start the next turn of `branches` and of the admitted episodes."""
+        nonlocal unfinished
+        while True:
+            over += [b for b in branches if episodes[episode_at[b]].done]  # over before they began
+            branches = [b for b in branches if not episodes[episode_at[b]].done]
+            unfinished -= len(over)
+            if over:
+                engine.release(over)
+            over = []
+            if not (queue and len(queue[0][1]) <= engine.free_rows()):
+                break
+            key, members = queue.pop(0)  # the next waiting group fits in the free rows
+            new = engine.add([list(key)], [len(members)])
+            episode_at.extend(members)
+            branches = branches + new
         constraints = None
         if mask:
-            constraints = {b: policy.protocol_mask.start(episodes[order[b]].turn_spec()) for b in branches
-                           if hasattr(episodes[order[b]], "turn_spec")}
+            constraints = {b: policy.protocol_mask.start(episodes[episode_at[b]].turn_spec()) for b in branches
+                           if hasattr(episodes[episode_at[b]], "turn_spec")}
         return engine.begin(params, branches, constraints=constraints)
 
-    # Each episode goes on as soon as its own turn ends: its state message is appended and its
-    # next turn joins the very next decode step, so no episode waits for the batch's longest turn.
-    ended = begin([b for b, i in enumerate(order) if not episodes[i].done])
+    ended = begin(list(range(len(episode_at))), [])
     turns = 0
     while ended or engine.turns:
         ended = ended or engine.step(params, generator)
-        states = {}
+        states, over = {}, []
         for c in ended:
-            episode = episodes[order[c.branch]]
+            episode = episodes[episode_at[c.branch]]
             if c.stop_reason == "length" and len(c.token_ids) < params.max_new_tokens:
                 truncate(episode, f"turn cut at the end of the engine's room ({engine.max_suffix_len} tokens)")
+                over.append(c.branch)
                 continue
             state = episode.step(policy.reply_text(c), n_tokens=len(c.token_ids))
             if state is None:
+                over.append(c.branch)
                 continue
             end = [] if c.stop_reason == "stop_token" else [policy.tokenizer.im_end_id]
             tokens = end + policy.next_turn_tokens(state)
             if len(tokens) + min_turn_room > engine.room(c.branch):
                 truncate(episode, f"no room left for the next turn ({engine.max_suffix_len} tokens)")
+                over.append(c.branch)
             else:
                 states[c.branch] = tokens
         turns += len(ended)
         if on_turn is not None and ended:
-            on_turn(turns, len(engine.turns) + len(states), sum(len(c.token_ids) for c in ended))
+            on_turn(turns, unfinished - len(over), sum(len(c.token_ids) for c in ended))
         engine.append(states)
-        ended = begin(list(states))
+        ended = begin(list(states), over)
     branch_of = [0] * len(episodes)
-    for b, i in enumerate(order):
+    for b, i in enumerate(episode_at):
         branch_of[i] = b
     return engine, branch_of

@@ -62,14 +62,18 @@ def play_alone(policy, episode, max_new):
             ids += new + ([] if stopped else [tok.im_end_id]) + policy.next_turn_tokens(state)
 
 
-@pytest.mark.parametrize("max_new", [3, 40])  # turns cut by length, and ended by the model
-def test_play_batch_equals_playing_each_episode_alone(checkpoint, max_new):
+# max_rows 2: at most two episodes play at once, the others wait for free rows (the group of
+# two waits for both); None: all at once.
+@pytest.mark.parametrize("max_new,max_rows", [(3, None), (40, None), (40, 2), (3, 3)])  # turns cut by length, and ended by the model
+def test_play_batch_equals_playing_each_episode_alone(checkpoint, max_new, max_rows):
     policy = Policy.load(checkpoint)
     # Episodes 0 and 1 open identically (same task, pool, seed): one prefix group, two branches.
-    plan = [(0, 0), (0, 0), (1, 1), (2, 2), (3, 3)]
+    plan = [(1, 1), (0, 0), (0, 0), (2, 2), (3, 3)]
     batched, alone = make_episodes(plan), make_episodes(plan)
-    engine, branch_of = play_batch(policy, batched, policy.chat_params(0.0, max_new_tokens=max_new), mask=False)
-    assert engine.prefix_k.shape[1] == 4 and branch_of[0] != branch_of[1]
+    engine, branch_of = play_batch(policy, batched, policy.chat_params(0.0, max_new_tokens=max_new), mask=False,
+                                   max_rows=max_rows)
+    assert engine.prefix_k.shape[1] == (max_rows or 4) and engine.suffix_k.shape[1] == (max_rows or 5)
+    assert branch_of[1] != branch_of[2] and engine.group_of[branch_of[1]] == engine.group_of[branch_of[2]]
     for episode in alone:
         play_alone(policy, episode, max_new)
     for b, a in zip(batched, alone):
@@ -92,7 +96,7 @@ def test_infer_runs_a_checkpoint_policy_without_crashing(checkpoint, capsys):
     assert infer.main(["--query", "What is 17*23?", "--policy", str(checkpoint), "--max-new-tokens", "12",
                        "--max-turns", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr()
-    assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, 1 turns in this batch" in out.err
+    assert "question: What is 17*23?" in out.out and "play: episodes 1/1 done, 1 turns," in out.err
 
 
 def test_infer_evaluates_a_jsonl_dataset(checkpoint, capsys, tmp_path):
