@@ -101,6 +101,27 @@ def test_cache_rows_swapped_under_random_active_sets_match_each_branch_alone(tin
     assert sorted(engine.row_of.tolist()) == list(range(8))
 
 
+def test_released_rows_take_new_prompts(tiny):
+    """`release` frees a finished branch's rows (and its prompt's, once all its branches are
+    released); `add` prefills a new prompt there. The others go on undisturbed."""
+    engine = Engine(tiny, [PROMPTS[0], PROMPTS[1]], branches=[2, 1], max_suffix_len=32, max_rows=3)
+    first = engine.generate(GREEDY)
+    with pytest.raises(RuntimeError, match="no room"):
+        engine.add([[8, 9, 10]])
+    engine.release([2])  # PROMPTS[1]'s only branch: its prefix row is free too
+    new_prompt = [33, 34, 35, 36, 37, 38, 39, 40, 41, 42]  # longer than any prompt the engine began with
+    with pytest.raises(AssertionError, match="max_prompt_len"):
+        engine.add([new_prompt])
+    assert engine.add([new_prompt[:9]]) == [3]
+    engine.release([0])  # PROMPTS[0] keeps its prefix row: branch 1 still uses it
+    assert engine.free_rows() == 1 and int((engine.group_at < 0).sum()) == 1
+    second = engine.generate(GREEDY, branches=[1, 3])
+    assert first[2].token_ids == greedy_alone(tiny, PROMPTS[1], 6)
+    assert second[0].token_ids == greedy_alone(tiny, PROMPTS[0] + first[1].token_ids, 6)
+    assert second[1].token_ids == greedy_alone(tiny, new_prompt[:9], 6)
+    assert engine.tokens[0] == first[0].token_ids  # a released branch keeps its history
+
+
 def test_first_token_comes_from_the_shared_prompt(tiny):
     engine = Engine(tiny, PROMPTS, branches=[2, 1], max_suffix_len=16)
     out = engine.generate(SamplingParams(temperature=0.0, max_new_tokens=5))
