@@ -254,6 +254,7 @@ class Engine:
         Writes their K/V into the suffix cache and returns the logits at each row's last real
         token [A, V]. T = 1 is a decode step; T > 1 a chunk appended to each row's suffix.
         """
+        assert bool((self.row_of[rows] >= 0).all()), "a released branch has no cache rows"
         self._to_front(rows, self.row_of, self.branch_at, self.suffix_k, self.suffix_v, self.suffix_len)
         groups = torch.unique(self.group_of[rows])
         self._to_front(groups, self.prefix_row_of, self.group_at, self.prefix_k, self.prefix_v, self.prefix_len)

@@ -120,6 +120,8 @@ def test_released_rows_take_new_prompts(tiny):
     assert second[0].token_ids == greedy_alone(tiny, PROMPTS[0] + first[1].token_ids, 6)
     assert second[1].token_ids == greedy_alone(tiny, new_prompt[:9], 6)
     assert engine.tokens[0] == first[0].token_ids  # a released branch keeps its history
+    with pytest.raises(AssertionError, match="released"):
+        engine.append({0: [5]})
 
 
 def test_first_token_comes_from_the_shared_prompt(tiny):
