@@ -63,8 +63,8 @@ def play_episodes(policy, episodes: list[Episode], indices: list[int], device: s
     time on one engine (policy.play_batch: all playing episodes decode together, a finished
     episode's row goes to the next one at once, identical prompts share KV; an episode longer
     than `max_suffix_len` tokens ends as truncated).
-    Checkpoint play reports its progress on stderr, a line whenever turns end, unless `quiet`; it decodes
-    under the protocol mask unless `mask` is False."""
+    Checkpoint play reports its progress on stderr, a line whenever turns end, unless `quiet`; it
+    decodes under the protocol mask unless `mask` is False."""
     if isinstance(policy, str) and not os.path.isdir(policy):
         for episode, index in zip(episodes, indices):
             play(episode, scripted_policy(policy, episode.task, index))

@@ -73,7 +73,8 @@ class InferOptions:
     device: str = cli.field("auto", "cpu or cuda for checkpoint policies (auto: cuda if available)", "run")
     temperature: float = cli.field(0.0, "sampling temperature of checkpoint policies (0 = greedy)", "run")
     max_new_tokens: int = cli.field(256, "longest assistant turn of checkpoint policies, in tokens", "run")
-    batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine (a finished one's rows go to the next)", "run")
+    batch_episodes: int = cli.field(16, "episodes a checkpoint policy plays at once on one engine (a finished "
+                                    "one's rows go to the next)", "run")
     mask: bool = cli.field(True, "checkpoint policies decode under the protocol mask (every turn parses; "
                            "--no-mask: unconstrained, to measure the format the model learned)", "run")
     max_suffix_len: int = cli.field(2048, "tokens a checkpoint policy's episode may add after its prompt; "

@@ -195,7 +195,8 @@ class Engine:
         self.prefix_row_of = torch.cat([self.prefix_row_of, prows])
         self.branch_at[rows] = b0 + torch.arange(n, device=self.device)
         self.row_of = torch.cat([self.row_of, rows])
-        self.group_of = torch.cat([self.group_of, g0 + (local if self.share_prefix else torch.arange(n, device=self.device))])
+        own_group = local if self.share_prefix else torch.arange(n, device=self.device)
+        self.group_of = torch.cat([self.group_of, g0 + own_group])
         self.suffix_len = torch.cat([self.suffix_len, torch.zeros(n, dtype=torch.long, device=self.device)])
         self.next_logits = torch.cat([self.next_logits, logits[local]])  # each branch's prompt's last logits
         for history in (self.tokens, self.logprobs, self.unfed, self.mask_ids):
@@ -258,13 +259,15 @@ class Engine:
         self._to_front(rows, self.row_of, self.branch_at, self.suffix_k, self.suffix_v, self.suffix_len)
         groups = torch.unique(self.group_of[rows])
         self._to_front(groups, self.prefix_row_of, self.group_at, self.prefix_k, self.prefix_v, self.prefix_len)
-        order = torch.argsort(self.row_of[rows])  # the pass runs in cache-row order: rows 0..A-1
+        # The pass runs in cache-row order: `rows` now hold rows 0..A-1, so each one's cache row is
+        # also its place in the pass.
+        place = self.row_of[rows]
+        order = torch.argsort(place)
         plan = self._plan(rows[order], n_real[order], ids.shape[1])
         hidden = self.model.hidden_states(ids[order], plan.positions, partial(self._attend, plan))
         last = hidden[torch.arange(len(rows), device=self.device), n_real[order] - 1]
         self.suffix_len[rows] += n_real
-        logits = F.linear(last, self.model.output_weight()).float()
-        return logits[torch.argsort(order)]
+        return F.linear(last, self.model.output_weight()).float()[place]
 
     @staticmethod
     def _to_front(items, row_of, item_at, k, v, lengths):
@@ -732,7 +735,7 @@ def play_batch(policy: Policy, episodes: list, params: SamplingParams, max_suffi
         start the next turn of `branches` and of the admitted episodes."""
         nonlocal unfinished
         while True:
-            over += [b for b in branches if episodes[episode_at[b]].done]  # over before they began
+            over = over + [b for b in branches if episodes[episode_at[b]].done]  # over before they began
             branches = [b for b in branches if not episodes[episode_at[b]].done]
             unfinished -= len(over)
             if over:
