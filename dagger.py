@@ -38,11 +38,10 @@ Design choices, and why:
 """
 import random
 import re
-import sys
-import time
 
 from baselines import CALL_TEXT, ParallelOracle, read_pool, teacher_turn
 from env import EnvConfig, Episode
+from evaluation import play_episodes
 from tasks import task_at, task_world
 from tools import load_pool
 
@@ -99,8 +98,6 @@ def collect(policy, episodes: int, seed: int, failure_rate: float, pool: str = "
             per_episode: int = 2, batch: int = 16, quiet: bool = False) -> list[dict]:
     """Play `episodes` training tasks with `policy` (a policy.Policy) and return the rows the
     oracle's corrections make, in sft.py's trajectory format."""
-    from policy import play_batch   # deferred: importing this module needs no torch
-    params = policy.chat_params(0.0)
     env = EnvConfig(failure_rate=failure_rate)
     tasks, played = [], []
     for i in range(episodes):
@@ -109,12 +106,9 @@ def collect(policy, episodes: int, seed: int, failure_rate: float, pool: str = "
         tasks.append(task)
         played.append(CappedEpisode(Episode(task, load_pool(pool, task_world(task), draw), env,
                                             seed=f"dagger:{seed}:{i}"), turns))
-    start = time.perf_counter()
-    for k in range(0, episodes, batch):
-        play_batch(policy, played[k:k + batch], params)
-        if not quiet:
-            print(f"dagger: {min(k + batch, episodes)}/{episodes} episodes played in "
-                  f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    # one engine for all of them: a finished episode's row goes to the next at once (greedy, so
+    # the same turns as batch after batch, without each batch waiting for its slowest episode)
+    play_episodes(policy, played, list(range(episodes)), batch=batch, quiet=quiet)
     rows, rng = [], random.Random(f"dagger-pick:{seed}")
     for i, (task, capped) in enumerate(zip(tasks, played)):
         messages = capped.messages
