@@ -36,6 +36,12 @@ an unmasked step), which is steadier on a shared machine than the end-to-end dif
 
     python bench.py --mask --presets smollm2-135m --prefix-lens 400 --branches 16
 
+`--linear ROWS...` times the weight products of one decode pass (every projection of every layer,
+then the output layer) on that many rows, F.linear against model.linear (which splits few-row
+products over the cores), interleaved, the fastest of --repeats:
+
+    python bench.py --linear 1 4 16 64 --presets smollm2-135m
+
 `--play DIR` profiles policy.play_batch end to end as evaluation runs it (held-out tasks,
 greedy, masked): prefill, decode passes, appended state messages, attention and the output layer
 inside them, the mask, sampling, the environment, and the rest:
@@ -102,6 +108,8 @@ class BenchConfig:
                                     "--mask benchmark compiles the mask against", "mask")
     append_lens: list[int] = cli.field([], "instead: time appending suffixes of these lengths to as many branches "
                                        "of one --prefix-lens prompt (padded pass, packed passes, one call each)", "cases")
+    linear: list[int] = cli.field([], "instead: time a decode pass's weight products on these row counts, "
+                                  "F.linear against model.linear", "cases")
     play: str = cli.field("", "instead: profile policy.play_batch end to end with this checkpoint or adapter "
                           "folder on --play-n held-out tasks (where the time goes, under cProfile)", "play")
     play_n: int = cli.field(16, "held-out tasks --play plays (seed --seed, seen pool family)", "play")
@@ -204,6 +212,7 @@ def validate(cfg: BenchConfig) -> None:
         cli.check(values and not unknown, f"--{flag} {' '.join(unknown or ['(none)'])}: expected some of {', '.join(known)}")
     cli.check(not cfg.mask or os.path.isfile(os.path.join(cfg.mask_tokenizer, "tokenizer.json")),
               f"--mask-tokenizer {cfg.mask_tokenizer}: no tokenizer.json there (python convert_gguf.py writes SmolLM2's)")
+    cli.check(min(cfg.linear, default=1) >= 1, f"--linear must be row counts of at least 1 (got {cfg.linear})")
     cli.check(min(cfg.append_lens, default=1) >= 1, f"--append-lens must be lengths of at least 1 (got {cfg.append_lens})")
     for flag in ("prefix_lens", "branches"):
         values = getattr(cfg, flag)
@@ -232,6 +241,8 @@ def main(argv=None):
         return bench_tokens(cfg)
     if cfg.append_lens:
         return bench_append(cfg, dtype)
+    if cfg.linear:
+        return bench_linear(cfg, dtype)
     if cfg.sft_shared:
         return bench_sft_shared(cfg)
     if cfg.train:
@@ -303,7 +314,7 @@ PLAY_PARTS = [
     ("decode steps", [(1, ("policy.py", "_decode"), None)]),
     ("appended state messages", [(1, ("policy.py", "_forward_suffix"), None), (-1, ("policy.py", "_decode"), None)]),
     ("  of which attention", [(1, ("policy.py", "_attend"), None)]),
-    ("  of which output layer", [(1, ("~", "<built-in method torch._C._nn.linear>"), ("policy.py", "_forward_suffix"))]),
+    ("  of which output layer", [(1, ("model.py", "linear"), ("policy.py", "_forward_suffix"))]),
     ("protocol mask", [(1, ("protocol_mask.py", "mask"), STEP), (1, ("protocol_mask.py", "advance"), STEP)]),
     ("sampling", [(1, ("policy.py", "sample_tokens"), None)]),
     ("environment", [(1, ("env.py", "step"), None)]),
@@ -357,6 +368,43 @@ def bench_play(cfg) -> int:
     title = (f"play_batch profile: {cfg.play}, {len(episodes)} held-out tasks, {turns} turns, {tokens} generated "
              f"tokens, {tokens / total:.1f} tok/s, {total:.0f}s under cProfile")
     return report(cfg, rows, title, [("part", "{}"), ("seconds", "{:.1f}"), ("share", "{:.1%}")])
+
+
+def bench_linear(cfg, dtype) -> int:
+    """One decode pass's weight products (each layer's projections in order, then the output
+    layer) on R rows: F.linear against model.linear, interleaved, the fastest of --repeats.
+    The weights are read once per pass, as in decoding: too many to stay in cache."""
+    import torch.nn.functional as F
+    rows = []
+    for preset in cfg.presets:
+        overrides = {"vocab_size": cfg.tiny_vocab} if preset == "tiny" else {}
+        model = M.build_model(M.preset_config(preset, **overrides), cfg.device, dtype, seed=cfg.seed)
+        weights = [m.weight for m in model.model.layers.modules() if isinstance(m, M.Linear)]
+        weights.append(model.output_weight())
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        for R in cfg.linear:
+            inputs = {w.shape[1]: torch.randn(R, w.shape[1], device=cfg.device, dtype=dtype) for w in weights}
+            best = {}
+            with torch.no_grad():
+                for _ in range(cfg.repeats + 1):  # the first round warms up
+                    for name, fn in (("plain", F.linear), ("split", M.linear)):
+                        sync(cfg.device)
+                        t0 = time.perf_counter()
+                        for w in weights:
+                            fn(inputs[w.shape[1]], w)
+                        sync(cfg.device)
+                        best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            rows.append({"preset": preset, "rows": R, "threads": torch.get_num_threads(),
+                         "plain_ms": 1e3 * best["plain"], "split_ms": 1e3 * best["split"],
+                         "split_x_plain": best["plain"] / best["split"],
+                         "plain_gb_s": weight_bytes / best["plain"] / 1e9, "split_gb_s": weight_bytes / best["split"] / 1e9})
+            if cfg.jsonl:
+                with open(cfg.jsonl, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    title = f"weight products of one decode pass, {cfg.device}, {dtype}"
+    return report(cfg, rows, title, [("preset", "{}"), ("rows", "{}"), ("threads", "{}"), ("plain_ms", "{:.1f}"),
+                                     ("split_ms", "{:.1f}"), ("split_x_plain", "{:.2f}"), ("plain_gb_s", "{:.1f}"),
+                                     ("split_gb_s", "{:.1f}")])
 
 
 def bench_tokens(cfg) -> int:

@@ -201,6 +201,40 @@ def checkpoint_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 # Modules
 
 
+# A no-grad product of at most this many rows runs split (`linear`); measured on 2 cores,
+# `bench.py --linear`: 1.4-1.6x at 1-16 rows, 1.1x at 64, none past that (MKL threads those).
+SPLIT_MAX_ROWS = 64
+
+
+def linear(x, weight, bias=None):
+    """F.linear, except for a product of a few rows on a CPU with several threads: there the
+    output features are cut into one block per thread, computed by ONE torch.bmm over the blocks.
+
+    Why: a decode step multiplies every weight matrix by a handful of rows, a product that MKL
+    runs on one core (at 1 row: 12 GB/s of weights, the same with 1 thread or 2; a plain read
+    of both cores reaches 33), while torch's bmm gives each core its own batch entries. Each
+    output is still one dot product of the same row and weight row; only which core computes it
+    changes. Training (grad on) and prefill (many rows) keep F.linear, which threads well there.
+    """
+    parts = torch.get_num_threads()
+    rows = x.numel() // x.shape[-1]
+    if (parts < 2 or x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or torch.is_grad_enabled()
+            or weight.shape[0] % parts or rows == 0 or not weight.is_contiguous()):
+        return F.linear(x, weight, bias)
+    N, K = weight.shape
+    x2 = x.reshape(rows, K)
+    out = torch.bmm(x2.expand(parts, rows, K), weight.view(parts, N // parts, K).transpose(1, 2))
+    out = out.transpose(0, 1).reshape(*x.shape[:-1], N)
+    return out if bias is None else out + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and hooks) through `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -250,10 +284,10 @@ class Attention(nn.Module):
         super().__init__()
         hd = c.head_size
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, hd
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * hd, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * hd, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * hd, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, c.hidden_size, bias=c.o_bias)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * hd, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, self.n_kv_heads * hd, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, self.n_kv_heads * hd, bias=c.qkv_bias)
+        self.o_proj = Linear(self.n_heads * hd, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(hd, c.rms_norm_eps)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps)
@@ -273,9 +307,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -319,7 +353,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

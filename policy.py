@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import lora
 import prefix_attn
-from model import Transformer, plain_causal_attention
+from model import Transformer, linear, plain_causal_attention
 from protocol_mask import ProtocolMask
 from tokenizer import Tokenizer
 
@@ -240,7 +240,7 @@ class Engine:
 
         hidden = self.model.hidden_states(ids, attention=attention)
         last = hidden[torch.arange(NG, device=self.device), lengths - 1]
-        logits = F.linear(last, self.model.output_weight()).float()
+        logits = linear(last, self.model.output_weight()).float()
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # so prefill_seconds is the prefill's, not its launch's
         self.prefill_seconds += time.perf_counter() - t0
@@ -267,7 +267,7 @@ class Engine:
         hidden = self.model.hidden_states(ids[order], plan.positions, partial(self._attend, plan))
         last = hidden[torch.arange(len(rows), device=self.device), n_real[order] - 1]
         self.suffix_len[rows] += n_real
-        return F.linear(last, self.model.output_weight()).float()[place]
+        return linear(last, self.model.output_weight()).float()[place]
 
     @staticmethod
     def _to_front(items, row_of, item_at, k, v, lengths):

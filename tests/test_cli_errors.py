@@ -156,6 +156,7 @@ def test_trace_mode_checks_too(capsys, no_play):
     (["--prefix-lens", "256", "-1"], ["--prefix-lens"]),
     (["--new-tokens", "0"], ["--new-tokens"]),
     (["--append-lens", "5", "0"], ["--append-lens"]),
+    (["--linear", "4", "0"], ["--linear", "at least 1"]),
     (["--sft", "--sft-settings", "lora-16", "lora-99"], ["--sft-settings lora-99", "freeze-20"]),
     (["--sft", "--sft-batch-tokens", "0"], ["--sft-batch-tokens"]),
 ])

@@ -160,3 +160,55 @@ def test_failed_write_keeps_the_old_checkpoint(saved):
         M.write_checkpoint(saved, {"model_type": "llama"}, {"bad": object()})
     assert (saved / "model.safetensors").read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+@pytest.mark.parametrize("shape, out_features, bias", [((1, 48), 96, False), ((3, 1, 48), 112, True),
+                                                       ((2, 5, 48), 96, True), ((64, 48), 64, False)])
+def test_few_row_linear_splits_and_matches_a_float64_product(monkeypatch, shape, out_features, bias):
+    """`linear` on a few rows under no_grad with 2 threads runs as ONE bmm over column blocks,
+    and gives the float64 product (to float32 rounding)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(out_features, shape[-1], generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = M.linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(2, shape[-1], out_features // 2)]
+    assert out.shape == (*shape[:-1], out_features) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["grad", "one thread", "many rows", "odd features"])
+def test_linear_keeps_the_plain_product_where_a_split_does_not_pay(monkeypatch, case):
+    """Training (grad on), one thread, more than SPLIT_MAX_ROWS rows, or features that do not
+    split evenly: no bmm, and the same values (and gradient) as F.linear."""
+    rows = M.SPLIT_MAX_ROWS + 1 if case == "many rows" else 4
+    x = torch.randn(rows, 48, requires_grad=case == "grad")
+    w = torch.randn(97 if case == "odd features" else 96, 48, requires_grad=case == "grad")
+    monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("split product used"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if case == "one thread" else 2)
+    try:
+        with torch.set_grad_enabled(case == "grad"):
+            out = M.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, torch.nn.functional.linear(x, w))
+    if case == "grad":
+        out.sum().backward()
+        assert torch.allclose(x.grad, w.sum(0).expand_as(x))
+
+
+def test_model_linears_go_through_linear():
+    """Every projection and an untied output layer are model.Linear (the split on few rows)."""
+    model = M.build_model(M.ModelConfig(**{**BASE, "tie_word_embeddings": False}), seed=0)
+    plain = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, M.Linear)]
+    assert not plain and isinstance(model.lm_head, M.Linear)
