@@ -47,6 +47,7 @@ greedy, masked): prefill, decode passes, appended state messages, attention and 
 inside them, the mask, sampling, the environment, and the rest:
 
     python bench.py --play release/paramanager-smollm2-135m --play-n 16
+    python bench.py --play release/paramanager-smollm2-135m --play-n 16 --play-plain-linear   (the baseline)
 """
 import dataclasses
 import json
@@ -114,6 +115,8 @@ class BenchConfig:
                           "folder on --play-n held-out tasks (where the time goes, under cProfile)", "play")
     play_n: int = cli.field(16, "held-out tasks --play plays (seed --seed, seen pool family)", "play")
     play_batch: int = cli.field(16, "episodes decoded together (evaluation's --batch-episodes)", "play")
+    play_plain_linear: bool = cli.field(False, "the baseline: every weight product through F.linear (model.SPLIT_MAX_ROWS "
+                                        "is 0 for the run)", "play")
 
 
 def sync(device):
@@ -339,8 +342,13 @@ def bench_play(cfg) -> int:
                 for i, t in enumerate(tasks)]
     profiler = cProfile.Profile()
     start = time.perf_counter()
-    profiler.runcall(play_episodes, policy, episodes, list(range(len(episodes))), cfg.device,
-                     batch=cfg.play_batch, quiet=True)
+    split_max_rows = M.SPLIT_MAX_ROWS
+    M.SPLIT_MAX_ROWS = 0 if cfg.play_plain_linear else split_max_rows  # restored below: a baseline, not a setting
+    try:
+        profiler.runcall(play_episodes, policy, episodes, list(range(len(episodes))), cfg.device,
+                         batch=cfg.play_batch, quiet=True)
+    finally:
+        M.SPLIT_MAX_ROWS = split_max_rows
     total = time.perf_counter() - start
     stats = pstats.Stats(profiler).stats
 
@@ -365,7 +373,7 @@ def bench_play(cfg) -> int:
         r["share"] = r["seconds"] / total
     turns = sum(e.turns for e in episodes)
     tokens = sum(e.tokens for e in episodes)
-    title = (f"play_batch profile: {cfg.play}, {len(episodes)} held-out tasks, {turns} turns, {tokens} generated "
+    title = (f"play_batch profile{' (every product through F.linear)' if cfg.play_plain_linear else ''}: {cfg.play}, {len(episodes)} held-out tasks, {turns} turns, {tokens} generated "
              f"tokens, {tokens / total:.1f} tok/s, {total:.0f}s under cProfile")
     return report(cfg, rows, title, [("part", "{}"), ("seconds", "{:.1f}"), ("share", "{:.1%}")])
 
