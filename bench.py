@@ -343,7 +343,8 @@ def bench_play(cfg) -> int:
     profiler = cProfile.Profile()
     start = time.perf_counter()
     split_max_rows = M.SPLIT_MAX_ROWS
-    M.SPLIT_MAX_ROWS = 0 if cfg.play_plain_linear else split_max_rows  # restored below: a baseline, not a setting
+    if cfg.play_plain_linear:  # the baseline for one run, restored below: not a setting
+        M.SPLIT_MAX_ROWS = 0
     try:
         profiler.runcall(play_episodes, policy, episodes, list(range(len(episodes))), cfg.device,
                          batch=cfg.play_batch, quiet=True)

@@ -202,7 +202,7 @@ def checkpoint_tensor_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # A no-grad product of at most this many rows runs split (`linear`); measured on 2 cores,
-# `bench.py --linear`: 1.4-1.6x at 1-16 rows, 1.1x at 64, none past that (MKL threads those).
+# `bench.py --linear`, SmolLM2 shape: 1.5-1.6x at 1-4 rows, 1.1x at 8-64, none at 128 (MKL threads those).
 SPLIT_MAX_ROWS = 64
 
 
