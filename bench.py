@@ -294,9 +294,7 @@ def main(argv=None):
                         step = (r["seconds"] - r["prefill_s"]) / cfg.new_tokens
                         row["floor_frac"] = decode_floor(config, P, G, mode, dtype, limits) / step
                     rows.append(row)
-                    if cfg.jsonl:
-                        with open(cfg.jsonl, "a") as f:
-                            f.write(json.dumps({"machine": limits, "device": cfg.device, **row}) + "\n")
+                    append_jsonl(cfg, [row], machine=limits, device=cfg.device)
                     print(f"{preset} P={P} G={G} {mode}: {row['e2e_tok_s']:.1f} tok/s e2e, "
                           f"{row['decode_tok_s']:.1f} decode, {r['seconds']:.1f}s", file=sys.stderr)
         del model, hf_model
@@ -407,9 +405,7 @@ def bench_linear(cfg, dtype) -> int:
                          "plain_ms": 1e3 * best["plain"], "split_ms": 1e3 * best["split"],
                          "split_x_plain": best["plain"] / best["split"],
                          "plain_gb_s": weight_bytes / best["plain"] / 1e9, "split_gb_s": weight_bytes / best["split"] / 1e9})
-            if cfg.jsonl:
-                with open(cfg.jsonl, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
+            append_jsonl(cfg, rows[-1:])
     title = f"weight products of one decode pass, {cfg.device}, {dtype}"
     return report(cfg, rows, title, [("preset", "{}"), ("rows", "{}"), ("threads", "{}"), ("plain_ms", "{:.1f}"),
                                      ("split_ms", "{:.1f}"), ("split_x_plain", "{:.2f}"), ("plain_gb_s", "{:.1f}"),
@@ -648,10 +644,7 @@ def bench_train(cfg, dtype) -> int:
             plain, shared = rows[-2], rows[-1]
             shared["speedup"] = plain["seconds"] / shared["seconds"]
             shared["saved_frac"] = shared["saved_mb"] / plain["saved_mb"]
-            if cfg.jsonl:
-                with open(cfg.jsonl, "a") as f:
-                    for row in (plain, shared):
-                        f.write(json.dumps({"device": cfg.device, **row}) + "\n")
+            append_jsonl(cfg, [plain, shared], device=cfg.device)
         del model
     return report(cfg, rows,
                   f"device {cfg.device}, dtype {dtype}, threads {torch.get_num_threads()}; GRPO training step "
@@ -837,10 +830,7 @@ def bench_sft_shared(cfg, checkpoint="checkpoints/smollm2-135m-instruct", freeze
             print(f"K={K} {mode}: {row['learned_tok_s']:.1f} learned tok/s, {row['s_per_step']:.1f} s/step",
                   file=sys.stderr)
         rows[-1]["x_plain"] = rows[-1]["learned_tok_s"] / rows[-2]["learned_tok_s"]
-        if cfg.jsonl:
-            with open(cfg.jsonl, "a") as f:
-                for row in rows[-2:]:
-                    f.write(json.dumps({"device": cfg.device, **row}) + "\n")
+        append_jsonl(cfg, rows[-2:], device=cfg.device)
     return report(cfg, rows,
                   f"device {cfg.device}, fp32, threads {torch.get_num_threads()}; SmolLM2-135M SFT step, {freeze} of 30 "
                   f"layers frozen, {step_tokens} padded tokens a step; K = episodes per pool draw (same episodes both ways)",
@@ -874,6 +864,15 @@ def print_table(rows, limits, device):
             ("e2e_x_hf", "{:.2f}"), ("decode_x_hf", "{:.2f}"), ("e2e_x_copied", "{:.2f}"),
             ("decode_x_copied", "{:.2f}"), ("kv_frac_copied", "{:.3f}"), ("prefix_kv_frac_copied", "{:.3f}")]
     markdown_table(rows, cols)
+
+
+def append_jsonl(cfg, rows: list[dict], **extra) -> None:
+    """With --jsonl, append each row (after the `extra` keys) as one JSON line, as soon as it is
+    measured, so a long benchmark killed midway keeps what it measured."""
+    if cfg.jsonl:
+        with open(cfg.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**extra, **row}) + "\n")
 
 
 def report(cfg, rows: list[dict], title: str, cols: list[tuple[str, str]]) -> int:
