@@ -101,6 +101,8 @@ class EnvConfig:
     max_turn_chars: int = flag(8000, "longer turns are cut here (and flagged)", "environment")
     max_task_chars: int = flag(1000, "longer call tasks are PARSE_ERR", "environment")
     failure_rate: float = flag(0.0, "injected: each call fails (half EXEC_ERR, half TIMEOUT) with this probability", "environment")
+    last_turn_answers: bool = flag(True, "the protocol mask allows only an answer in the last of max_turns "
+                                   "(a call there could never be answered)", "environment")
 
 
 # ---------------------------------------------------------------- parsing
@@ -687,9 +689,14 @@ class Episode:
         protocol_mask.TurnSpec): this pool's names, the ids so far and those with an OK result,
         the limits."""
         from protocol_mask import TurnSpec   # deferred: scripted play never imports torch
+        # The turn cap ends an episode after its last turn's calls run, so their results are
+        # never read: a call there can only lose the answer. With last_turn_answers that turn
+        # may hold only an answer (the parser still accepts calls there: unmasked play is as before).
+        last = self.config.last_turn_answers and self.turns + 1 >= self.config.max_turns
         return TurnSpec.fit([c.name for c in self.pool.callees], list(self.history),
                             [k for k, r in self.history.items() if r.status == OK],
-                            self.config.max_calls_per_turn, self.config.max_task_chars, self.config.max_turn_chars)
+                            0 if last else self.config.max_calls_per_turn, self.config.max_task_chars,
+                            self.config.max_turn_chars)
 
     def truncate(self, reason: str) -> None:
         """End the episode without an answer because the policy cannot go on (e.g. its context

@@ -5,6 +5,7 @@ mask, scored by env.py's own parser and executor; the engine's recorded log-prob
 teacher-forced recompute over the same allowed tokens."""
 import os
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,7 +62,8 @@ def reference(spec: TurnSpec):
     tail = b""
     for c in reversed(calls[1:]):
         tail = b"(?:" + c + tail + b")?"
-    turn = (gap + b"(?:<think>(?:[^<]|<+[^</A-Za-z_])*<*</think>" + gap + b")?(?:" + calls[0] + tail + b"|<answer>"
+    some_calls = calls[0] + tail + b"|" if calls else b""   # max_calls 0: the answer only
+    turn = (gap + b"(?:<think>(?:[^<]|<+[^</A-Za-z_])*<*</think>" + gap + b")?(?:" + some_calls + b"<answer>"
             + text(spec.ok_ids) + b"</answer>" + gap + b")")
     pattern = regex.compile(turn, regex.DOTALL)
     segments = regex.compile(rb'(<think>|">|<answer>)((?:[^<]|<(?!/))*)')
@@ -136,6 +138,17 @@ def test_prefixes_near_the_limits_against_the_reference_language(tiny_tokenizer)
         check_prefix(mask, spec, data, *reference(spec))
 
 
+def test_a_spec_without_calls_allows_only_an_answer_against_the_reference_language(tiny_tokenizer):
+    """The last turn of the budget (env.EnvConfig.last_turn_answers): no call may open."""
+    mask = ProtocolMask(tiny_tokenizer)
+    answer_only = replace(SPEC, max_calls=0)
+    is_prefix, is_turn = reference(answer_only)
+    assert not is_prefix(b"<c") and is_turn(b"<think>x</think><answer>{2}</answer>")
+    for data in [b"", b" ", b"<", b"<think>plan", b"<think>plan</think>", b"<think>p</think>\n<",
+                 b"<answer>{1", b"<answer>{12} ok</answer>"]:
+        check_prefix(mask, answer_only, data, is_prefix, is_turn)
+
+
 @pytest.mark.slow
 def test_smollm2_vocabulary_against_the_reference_language(smollm2_tokenizer):
     mask = ProtocolMask(smollm2_tokenizer)
@@ -204,6 +217,24 @@ def test_hundreds_of_turns_sampled_under_the_mask_parse(tiny_tokenizer):
     assert sum(r.calls for r in results) > 50 and sum(r.answer is not None for r in results) > 20
     # references to earlier calls were sampled, and answers that name OK results
     assert any("{" in r.raw_task for e in played for rnd in e.rounds for r in rnd.results)
+
+
+def test_the_last_turn_of_the_budget_answers_under_the_mask(tiny_tokenizer):
+    """Random turns under the mask, with a 2-turn cap: every episode that reaches its last turn
+    answers there with the flag on; with it off, some run out of turns unanswered."""
+    mask = ProtocolMask(tiny_tokenizer)
+    for on in (True, False):
+        rng = torch.Generator().manual_seed(1)
+        played = episodes(40, max_turns=2, failure_rate=0.0)
+        for episode in played:
+            episode.config = replace(episode.config, last_turn_answers=on)
+            assert episode.turn_spec().max_calls == 16
+            sample_episode(mask, episode, rng, max_new=60, vocab=len(mask.tokens))
+        results = [e.result() for e in played]
+        capped = [r for r in results if r.turns == 2]
+        assert len(capped) >= 10 and sum(r.parse_errors for r in results) == 0
+        unanswered = sum(r.answer is None for r in capped)
+        assert unanswered == 0 if on else unanswered >= 3, (on, unanswered)
 
 
 @pytest.mark.slow
