@@ -722,7 +722,6 @@ def sft_step(config, model, adapter, optimizer, micro, examples, pad, device) ->
 def bench_sft(cfg) -> int:
     """Learned tokens per second of an SFT step under each setting, the settings interleaved
     within each repeat (machine noise hits them alike), the fastest repeat kept."""
-    import train
     try:
         setups = {name: sft_setting(cfg, name) for name in cfg.sft_settings}
     except (OSError, ValueError) as e:

@@ -133,7 +133,7 @@ def test_fuzz_parser_and_episode_never_raise():
 
 
 def test_hypothesis_parser_never_raises():
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
 
     pieces = st.sampled_from(JUNK_PIECES)

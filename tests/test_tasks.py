@@ -151,7 +151,7 @@ def test_trace_of_a_far_task_index_is_fast(capsys):
 def test_task_from_question_recovers_every_composition():
     """A question written by any composition, in the split's reference world, gives back that
     task: its graph and gold (as generated), whatever its case and spacing."""
-    from tasks import COMPOSITIONS, task_at, task_from_question, world_for_split
+    from tasks import task_at, task_from_question
     world = world_for_split("heldout")
     seen = set()
     for split, i in itertools.product(("heldout", "train-wide"), range(2 * len(COMPOSITIONS))):
