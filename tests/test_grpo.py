@@ -220,3 +220,24 @@ def test_bf16_mixed_step_keeps_fp32_weights_and_follows_the_fp32_step(shared):
     assert losses["bf16-mixed"] != losses["fp32"]
     assert losses["bf16-mixed"] == pytest.approx(losses["fp32"], rel=3e-2, abs=1e-3)
     assert F.cosine_similarity(steps["bf16-mixed"], steps["fp32"], dim=0) > 0.99
+
+
+def test_resume_names_the_flags_its_config_predates(tmp_path, capsys):
+    """A run whose config.json lacks a flag added since continues with that flag's default,
+    given explicitly or not, and the log names it (with --no-... the run continues as it began)."""
+    import json
+    from dataclasses import asdict, replace
+
+    import train
+    from grpo import GRPOConfig
+    saved = asdict(replace(GRPOConfig(), runs_dir=str(tmp_path), name="g", steps=7))
+    del saved["last_turn_answers"]
+    (tmp_path / "grpo" / "g").mkdir(parents=True)
+    (tmp_path / "grpo" / "g" / "config.json").write_text(json.dumps(saved))
+    asked = replace(GRPOConfig(), runs_dir=str(tmp_path), name="g", resume=True)
+    merged = train.resumed_config(asked, "grpo", {"resume", "name", "runs_dir"})
+    assert merged.steps == 7 and merged.last_turn_answers is True
+    assert "predates --last-turn-answers (now True)" in capsys.readouterr().err
+    off = train.resumed_config(replace(asked, last_turn_answers=False), "grpo",
+                               {"resume", "name", "runs_dir", "last_turn_answers"})
+    assert off.last_turn_answers is False and "predates" not in capsys.readouterr().err
