@@ -31,6 +31,11 @@ def _base_type(tp):
     return tp
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: `max_turns` -> `--max-turns`."""
+    return "--" + field_name.replace("_", "-")
+
+
 def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -40,7 +45,7 @@ def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
         group_name = f.metadata.get("group", "general")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         help_text = f.metadata.get("help", "")
         tp = _base_type(hints[f.name])
         if tp is bool:

@@ -212,14 +212,14 @@ def resumed_config(config, stage: str, explicit: set[str]):
     values.update(resume=True, name=path.name)
     merged = replace(config, **values)
     changed = sorted(k for k in explicit - {"resume", "name"} if saved.get(k) != getattr(merged, k))
-    flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+    flags = ", ".join(cli.flag_name(k) for k in changed)
     print(f"resume: the config of {path}" + (f", overridden by {flags}" if changed else ""), file=sys.stderr)
     # A flag added after the run started takes its default now, which may not be how it ran:
     # say so, so that the flag can be given to continue the run as it began.
     absent = sorted(known - set(saved) - explicit - {"resume", "name"})
     if absent:
         print(f"resume: {path / 'config.json'} predates " + ", ".join(
-            f"--{k.replace('_', '-')} (now {getattr(merged, k)!r})" for k in absent), file=sys.stderr)
+            f"{cli.flag_name(k)} (now {getattr(merged, k)!r})" for k in absent), file=sys.stderr)
     return merged
 
 

@@ -196,12 +196,13 @@ def mask_text(mask, ids):
     return b"".join(mask.tokens[i] for i in ids).decode("utf-8", errors="replace")
 
 
-def episodes(n, max_turns=4, failure_rate=0.3):
+def episodes(n, max_turns=4, failure_rate=0.3, last_turn_answers=True):
     from tasks import make_tasks, task_world
     from tools import load_pool
     tasks = make_tasks("train", n, 0)
-    return [Episode(t, load_pool("seen", task_world(t), random.Random(i)),
-                    EnvConfig(max_turns=max_turns, failure_rate=failure_rate), seed=i) for i, t in enumerate(tasks)]
+    config = EnvConfig(max_turns=max_turns, failure_rate=failure_rate, last_turn_answers=last_turn_answers)
+    return [Episode(t, load_pool("seen", task_world(t), random.Random(i)), config, seed=i)
+            for i, t in enumerate(tasks)]
 
 
 def test_hundreds_of_turns_sampled_under_the_mask_parse(tiny_tokenizer):
@@ -225,9 +226,8 @@ def test_the_last_turn_of_the_budget_answers_under_the_mask(tiny_tokenizer):
     mask = ProtocolMask(tiny_tokenizer)
     for on in (True, False):
         rng = torch.Generator().manual_seed(1)
-        played = episodes(40, max_turns=2, failure_rate=0.0)
+        played = episodes(40, max_turns=2, failure_rate=0.0, last_turn_answers=on)
         for episode in played:
-            episode.config = replace(episode.config, last_turn_answers=on)
             assert episode.turn_spec().max_calls == 16
             sample_episode(mask, episode, rng, max_new=60, vocab=len(mask.tokens))
         results = [e.result() for e in played]
